@@ -752,6 +752,7 @@ def main(args: Args) -> dict:
                          f"({args.block_size + 2}); give a longer text or a smaller --block-size")
 
     # --- model ---
+    torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run with this seed
     if args.init_from == "scratch":
         model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                               n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout))
@@ -786,8 +787,8 @@ def main(args: Args) -> dict:
               f"tokens, {tokens_per_step:,} tokens per step, device {rt.device} ({rt.dtype}), matmul peak "
               f"{peak / 1e9:.0f} GFLOP/s")
     history = {"train_loss": {}, "val_loss": {}, "samples": []}
-    bar = tqdm(range(start, args.max_iters), initial=start, total=args.max_iters, disable=not rt.master,
-               dynamic_ncols=True)
+    bar = tqdm(range(start, args.max_iters), initial=start, total=args.max_iters, dynamic_ncols=True,
+               disable=None if rt.master else True)  # None: a bar on a terminal only, log lines everywhere
     t0 = time.perf_counter()
     for step in bar:
         torch.manual_seed(int(np.random.SeedSequence([args.seed, rt.rank, step]).generate_state(1)[0]))  # dropout
