@@ -1,10 +1,13 @@
 """Benchmark minigpt's GPT against transformers' GPT2LMHeadModel: same weights, same batch, one process.
 
-    python bench/bench_minigpt.py                      # a 4-layer, 256-wide GPT-2 BPE model; ~3 min on 2 CPU cores
-    python bench/bench_minigpt.py --n-layer 12 --n-head 12 --n-embd 768 --block-size 1024 --batch-size 8  # GPU
+    python bench/bench_minigpt.py                       # presets 'demo' and 'bpe': ~4 min on 2 CPU cores
+    python bench/bench_minigpt.py --presets gpt2        # GPT-2 small (124M, context 1024), for a GPU
 
-Measured, each as ours / transformers:
-  - training step tokens/s (forward, backward, AdamW step), the two models timed in alternation, median of rounds;
+Presets: 'demo' is the model and batch of the default `python minigpt.py` (char-level, 4 layers, 128 wide, context
+64, batch 12); 'bpe' a GPT-2 BPE model (4 layers, 256 wide, context 128, batch 8) whose 50257-row output layer
+dominates its compute; 'gpt2' is GPT-2 small. Measured per preset, each as minigpt / transformers:
+  - training step tokens/s (forward, backward, clipping, AdamW step), the two models timed in alternation,
+    median over rounds;
   - greedy generation tokens/s with the KV cache (our `generate` against `generate(do_sample=False)`), checked
     to produce the same tokens;
   - memory: on CUDA the peak allocated during a training step; on CPU the bytes of activations saved for backward;
@@ -24,23 +27,24 @@ from transformers import GPT2Config, GPT2LMHeadModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import minigpt as M  # noqa: E402
 
+PRESETS = {  # vocab, layers, heads, width, context, training batch, prompt tokens, new tokens
+    "demo": dict(vocab_size=84, n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, prompt=8, new=56),
+    "bpe": dict(vocab_size=50257, n_layer=4, n_head=4, n_embd=256, block_size=128, batch_size=8, prompt=16, new=100),
+    "gpt2": dict(vocab_size=50257, n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=8, prompt=64,
+                 new=256),
+}
+
 
 @dataclass
 class Args:
+    presets: tuple[str, ...] = ("demo", "bpe")
+    """model and batch configurations to measure (see PRESETS)"""
     device: str = "auto"
     dtype: str = "auto"
-    vocab_size: int = 50257
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 256
-    block_size: int = 128
-    batch_size: int = 8
     train_steps: int = 5
     """optimizer steps per timed round"""
     rounds: int = 5
     """rounds; each times both models, alternating"""
-    prompt_tokens: int = 16
-    new_tokens: int = 100
     gen_batch_size: int = 1
     seed: int = 0
 
@@ -74,17 +78,17 @@ def peak_memory(step, device) -> tuple[int, str]:
     return saved_activation_bytes(step), "activations saved for backward"
 
 
-def main(args: Args):
-    rt = M.setup_runtime(args.device, args.dtype)
+def bench(preset: str, args: Args, rt: M.Runtime, peak: float) -> dict:
+    p = PRESETS[preset]
     torch.manual_seed(args.seed)
-    hf_cfg = GPT2Config(vocab_size=args.vocab_size, n_positions=args.block_size, n_embd=args.n_embd,
-                        n_layer=args.n_layer, n_head=args.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf_cfg = GPT2Config(vocab_size=p["vocab_size"], n_positions=p["block_size"], n_embd=p["n_embd"],
+                        n_layer=p["n_layer"], n_head=p["n_head"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     hf = GPT2LMHeadModel(hf_cfg).to(rt.device)
     ours = M.GPT(M.GPTConfig.from_hf(hf_cfg.to_dict(), "bench")).to(rt.device)
     ours.load_hf_state_dict(hf.state_dict(), "bench")  # the same weights
     g = torch.Generator().manual_seed(args.seed)
-    x = torch.randint(0, args.vocab_size, (args.batch_size, args.block_size), generator=g).to(rt.device)
-    tokens = args.batch_size * args.block_size
+    x = torch.randint(0, p["vocab_size"], (p["batch_size"], p["block_size"]), generator=g).to(rt.device)
+    tokens = p["batch_size"] * p["block_size"]
 
     # --- training step: the same batch, loss, AdamW and clipping for both ---
     def make_step(model, loss_of):
@@ -116,8 +120,8 @@ def main(args: Args):
     # --- greedy generation with the KV cache: equal tokens, then speed ---
     ours.eval()
     hf.eval()
-    prompt = torch.randint(0, args.vocab_size, (args.gen_batch_size, args.prompt_tokens), generator=g).to(rt.device)
-    n = args.new_tokens
+    prompt = torch.randint(0, p["vocab_size"], (args.gen_batch_size, p["prompt"]), generator=g).to(rt.device)
+    n = p["new"]
     gen = {"minigpt": lambda: ours.generate(prompt, n, temperature=0),
            "transformers": lambda: hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                                pad_token_id=0, eos_token_id=None)}
@@ -131,25 +135,30 @@ def main(args: Args):
     gen_tps = {name: args.gen_batch_size * n / statistics.median(t) for name, t in gtimes.items()}
 
     # --- MFU against the measured matmul peak ---
-    peak = M.measure_matmul_peak(rt.device, rt.dtype)
     fpt = M.flops_per_token(ours.config, ours.num_params(non_embedding=True))
     mfu = {name: fpt * tps / peak for name, tps in train_tps.items()}
 
-    print(f"device {rt.device} ({rt.dtype}), torch {torch.__version__}, {torch.get_num_threads()} threads; model "
-          f"{ours.num_params() / 1e6:.1f}M parameters (L={args.n_layer}, H={args.n_head}, C={args.n_embd}, "
-          f"T={args.block_size}, V={args.vocab_size}); training batch {args.batch_size}x{args.block_size}; "
-          f"generation {args.gen_batch_size}x({args.prompt_tokens} + {n}) greedy; matmul peak "
-          f"{peak / 1e9:.1f} GFLOP/s")
-    rows = [("training step, tokens/s", train_tps, "{:,.0f}", True),
-            ("greedy generation, tokens/s", gen_tps, "{:,.1f}", True),
-            (f"memory, MiB ({memory_kind})", {k: v / 2**20 for k, v in memory.items()}, "{:,.1f}", False),
-            ("MFU (training)", mfu, "{:.1%}", True)]
+    print(f"\n### preset {preset}: {ours.num_params() / 1e6:.2f}M parameters (L={p['n_layer']}, H={p['n_head']}, "
+          f"C={p['n_embd']}, T={p['block_size']}, V={p['vocab_size']}); training batch "
+          f"{p['batch_size']}x{p['block_size']}; generation {args.gen_batch_size}x({p['prompt']} + {n}) greedy")
+    rows = [("training step, tokens/s", train_tps, "{:,.0f}"),
+            ("greedy generation, tokens/s", gen_tps, "{:,.1f}"),
+            (f"memory, MiB ({memory_kind})", {k: v / 2**20 for k, v in memory.items()}, "{:,.1f}"),
+            ("MFU (training)", mfu, "{:.1%}")]
     print("\n| measure | minigpt | transformers | minigpt / transformers |\n|---|---:|---:|---:|")
-    for label, vals, fmt, _ in rows:
+    for label, vals, fmt in rows:
         a, b = vals["minigpt"], vals["transformers"]
         print(f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {a / b:.2f}x |")
     print(f"\ngenerated tokens identical: {same}")
     return {"train_tps": train_tps, "gen_tps": gen_tps, "memory": memory, "mfu": mfu, "same_tokens": same}
+
+
+def main(args: Args) -> dict:
+    rt = M.setup_runtime(args.device, args.dtype)
+    peak = M.measure_matmul_peak(rt.device, rt.dtype)
+    print(f"device {rt.device} ({rt.dtype}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"matmul peak {peak / 1e9:.1f} GFLOP/s (measured)")
+    return {name: bench(name, args, rt, peak) for name in args.presets}
 
 
 if __name__ == "__main__":
