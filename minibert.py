@@ -15,7 +15,11 @@ Run it:
     make setup                                      # once: the environment, the assets and the MiniLM weights
     python minibert.py finetune                     # MiniLM -> support-ticket classifier, against two baselines
     python minibert.py predict "I was charged twice this month"     # or one ticket per line on stdin
+    python minibert.py pretrain                     # masked-LM from scratch on the offline Shakespeare corpus
+    python minibert.py pretrain --init-from minilm --run-name minilm-mlm   # continued pretraining (fresh MLM head)
+    python minibert.py pretrain --resume            # continue runs/minibert-mlm exactly where it stopped
     python minibert.py finetune --dataset banking77 --init-from bert-base-uncased   # with a hub
+    torchrun --standalone --nproc_per_node=2 minibert.py pretrain                  # DDP
 """
 
 import json
@@ -28,16 +32,20 @@ import time
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
+from hashlib import sha256
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+
+from assets import DATA_DIR, asset_path  # the offline corpus, fetched by `python assets.py`
 
 MINILM = "minilm"  # name of the offline all-MiniLM-L6-v2 checkpoint
 
@@ -172,12 +180,18 @@ class BertForMaskedLM(nn.Module):
         self.mlm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         init_weights(self)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
-        """Returns (logits (B, T, vocab), loss): cross-entropy over positions whose label is not -100."""
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, selected_only=False):
+        """Returns (logits (B, T, vocab), loss): cross-entropy over positions whose label is not -100. With
+        selected_only (pretraining) the head runs on those positions only and logits are (N, vocab): the vocabulary
+        projection is most of the compute, and 85% of its rows would be thrown away."""
         h, _ = self.bert(input_ids, attention_mask, token_type_ids)
+        if selected_only:
+            keep = labels != -100
+            h, labels = h[keep], labels[keep]  # (N, C), (N,)
         h = self.mlm_ln(F.gelu(self.mlm_dense(h)))
         logits = F.linear(h, self.bert.word.weight, self.mlm_bias)  # decoder tied to the input embeddings
-        loss = None if labels is None else F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        loss = None if labels is None else F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
+                                                           labels.reshape(-1))
         return logits, loss
 
 
@@ -373,6 +387,53 @@ class Args:
 
 
 @dataclass
+class PretrainArgs(Args):
+    run_name: str = "minibert-mlm"
+    """name of the run: checkpoints go to <output-dir>/<run-name>/"""
+    init_from: str = "scratch"
+    """'scratch', or a BERT checkpoint to continue ('minilm', a directory, a hub name; a missing MLM head starts
+    fresh)"""
+    vocab_from: str = MINILM
+    """the checkpoint whose WordPiece vocabulary (vocab.txt) tokenizes the corpus when starting from scratch"""
+    data_path: str | None = None
+    """a local UTF-8 text file (default: the offline Shakespeare corpus); paragraphs are separated by blank lines"""
+    max_len: int = 64
+    """tokens per training sequence, [CLS] and [SEP] included"""
+    hidden_size: int = 128
+    """width of the encoder trained from scratch"""
+    num_hidden_layers: int = 4
+    """blocks of the encoder trained from scratch"""
+    num_attention_heads: int = 4
+    """attention heads of the encoder trained from scratch"""
+    intermediate_size: int = 512
+    """feed-forward width of the encoder trained from scratch"""
+    mlm_probability: float = 0.15
+    """fraction of tokens selected for prediction (Devlin et al. 2019)"""
+    whole_word_mask: bool = False
+    """select all the WordPiece pieces of a word together"""
+    batch_size: int = 32
+    """sequences per micro-batch (per process)"""
+    grad_accum_steps: int = 1
+    """micro-batches per optimizer step"""
+    max_iters: int = 500
+    """optimizer steps"""
+    learning_rate: float = 1e-3
+    """peak learning rate, reached after the warmup, then linear decay to 0"""
+    warmup_iters: int = 50
+    """steps of linear warmup"""
+    weight_decay: float = 0.01
+    """AdamW weight decay, on matrices only"""
+    grad_clip: float = 1.0
+    """clip the global gradient norm to this (0: no clipping)"""
+    eval_interval: int = 100
+    """evaluate and checkpoint every this many steps"""
+    eval_iters: int = 10
+    """validation batches per evaluation (the same masked batches every time)"""
+    log_interval: int = 50
+    """steps between log lines"""
+
+
+@dataclass
 class FinetuneArgs(Args):
     run_name: str = "minibert-tickets"
     """name of the run: the fine-tuned classifier goes to <output-dir>/<run-name>/latest"""
@@ -381,7 +442,9 @@ class FinetuneArgs(Args):
     dataset: str | None = None
     """a labelled Hugging Face dataset (e.g. banking77) instead of the project's support tickets"""
     text_field: str = "text"
+    """the dataset's text column"""
     label_field: str = "label"
+    """the dataset's label column"""
     n_train: int = 3000
     """tickets in the training split (the project's dataset)"""
     n_test: int = 1000
@@ -389,7 +452,9 @@ class FinetuneArgs(Args):
     max_len: int = 128
     """tokens per ticket at most"""
     epochs: int = 2
+    """passes over the training split"""
     batch_size: int = 32
+    """tickets per optimizer step"""
     learning_rate: float = 1e-4
     """peak learning rate of the pretrained model"""
     scratch_learning_rate: float = 5e-4
@@ -397,7 +462,9 @@ class FinetuneArgs(Args):
     warmup_fraction: float = 0.1
     """fraction of the steps with a linear warmup, then linear decay to 0 (Devlin et al. 2019)"""
     weight_decay: float = 0.01
+    """AdamW weight decay, on matrices only"""
     grad_clip: float = 1.0
+    """clip the global gradient norm to this (0: no clipping)"""
     baselines: bool = True
     """also train the same BERT from scratch and a bag-of-words logistic regression, and compare"""
 
@@ -409,6 +476,7 @@ class PredictArgs:
     model: str = "runs/minibert-tickets/latest"
     """a fine-tuned classifier directory"""
     device: str = "auto"
+    """'auto' (cuda, then mps, then cpu), or a torch device"""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -454,6 +522,200 @@ def get_tokenizer(path: Path):
         else {}
     # transformers 5 builds the WordPiece model from `vocab` (it ignores the `vocab_file` of earlier versions)
     return BertTokenizerFast(vocab=str(path / "vocab.txt"), do_lower_case=config.get("do_lower_case", True))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Masked-LM pretraining
+
+
+def derived_seed(*keys: int) -> int:
+    """A seed that is a pure function of keys, e.g. (seed, rank, step): a resumed run draws exactly what the
+    uninterrupted run drew, with no RNG state to save."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+def mlm_sequences(text: str, tokenizer, max_len: int, cache_dir: Path) -> torch.Tensor:
+    """The corpus as rows of max_len tokens, [CLS] + max_len - 2 tokens of the WordPiece stream + [SEP]; the stream
+    is the paragraphs (blank-line separated) joined by [SEP] and packed across their ends (RoBERTa's
+    FULL-SENTENCES, Liu et al. 2019). Tokenized once and cached, keyed by the text, vocabulary and length."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    key = sha256(text.encode() + vocab.encode() + str(max_len).encode()).hexdigest()[:16]
+    cache = cache_dir / f"mlm-{key}.npy"
+    if not cache.exists():
+        paragraphs = [p for p in re.split(r"\n\s*\n", text) if p.strip()]
+        stream = []
+        for ids in tokenizer(paragraphs, add_special_tokens=False)["input_ids"]:
+            stream += ids + [tokenizer.sep_token_id]
+        n = len(stream) // (max_len - 2)
+        if n < 2:
+            raise InputError(f"the corpus has {len(stream)} tokens, fewer than two sequences of {max_len}")
+        body = np.array(stream[:n * (max_len - 2)], dtype=np.int32).reshape(n, max_len - 2)
+        rows = np.concatenate([np.full((n, 1), tokenizer.cls_token_id), body,
+                               np.full((n, 1), tokenizer.sep_token_id)], axis=1).astype(np.int32)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}.npy")
+        np.save(tmp, rows)
+        os.replace(tmp, cache)
+    return torch.from_numpy(np.load(cache))
+
+
+def masked_batch(rows: torch.Tensor, batch_size: int, tokenizer, args: PretrainArgs, generator, device):
+    """batch_size random rows, masked by BERT's rule: (inputs, labels), both (B, T)."""
+    ids = rows[torch.randint(len(rows), (batch_size,), generator=generator)].long()
+    special = torch.isin(ids, torch.tensor(tokenizer.all_special_ids))
+    word_ids = None
+    if args.whole_word_mask:  # a WordPiece token that starts with ## continues the word before it
+        continues = torch.tensor([t.startswith("##") for t in tokenizer.convert_ids_to_tokens(range(len(tokenizer)))])
+        word_ids = (~continues[ids]).long().cumsum(dim=1)
+    inputs, labels = mask_tokens(ids, special, tokenizer.mask_token_id, len(tokenizer), args.mlm_probability,
+                                 word_ids, generator)
+    return inputs.to(device), labels.to(device)
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, step: int, vocab: Path, meta: dict):
+    """runs/<run>/step-NNNNNN/: a Hugging Face BertForMaskedLM directory + vocab.txt + optimizer state + run.json;
+    the `latest` symlink moves to it (atomically) only once it is complete, then older ones are removed."""
+    ckpt, tmp = run_dir / f"step-{step:06d}", run_dir / f".step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(model, tmp)
+    shutil.copy(vocab, tmp / "vocab.txt")
+    torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp / "train_state.pt")
+    (tmp / "run.json").write_text(json.dumps({**meta, "step": step}, indent=2))
+    shutil.rmtree(ckpt, ignore_errors=True)
+    os.replace(tmp, ckpt)
+    link = run_dir / ".latest.tmp"
+    link.unlink(missing_ok=True)
+    link.symlink_to(ckpt.name)
+    os.replace(link, run_dir / "latest")
+    for old in run_dir.glob("step-*"):
+        if old != ckpt:
+            shutil.rmtree(old)
+
+
+def pretrain(args: PretrainArgs) -> dict:
+    """Masked-LM pretraining on a text corpus, from scratch or continued from a checkpoint."""
+    # --- devices and processes (one per GPU or CPU under torchrun) ---
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0),
+                                                                       ("WORLD_SIZE", 1)))
+    device = setup_device(f"cuda:{local_rank}" if args.device in ("auto", "cuda") and torch.cuda.is_available()
+                          and world > 1 else args.device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    run_dir, master = Path(args.output_dir) / args.run_name, rank == 0
+    if args.resume and not (run_dir / "latest" / "train_state.pt").is_file():
+        raise InputError(f"--resume: no checkpoint in {run_dir} (expected {run_dir / 'latest'}/train_state.pt)")
+
+    # --- data: WordPiece rows, cached; the last 5% are the validation split ---
+    source = run_dir / "latest" if args.resume else resolve_checkpoint(
+        args.vocab_from if args.init_from == "scratch" else args.init_from)
+    tokenizer = get_tokenizer(source)
+    if args.data_path:
+        path = Path(args.data_path)
+        if not path.is_file():
+            raise InputError(f"--data-path {path}: no such file")
+        text = path.read_text(encoding="utf-8")
+    else:
+        text = "\n\n".join(p.read_text(encoding="utf-8") for p in sorted(asset_path("shakespeare").glob("*.txt")))
+    cache_dir = DATA_DIR / "cache"
+    if master:
+        mlm_sequences(text, tokenizer, args.max_len, cache_dir)
+    if world > 1:
+        dist.barrier()
+    rows = mlm_sequences(text, tokenizer, args.max_len, cache_dir)
+    n_val = max(1, len(rows) // 20)
+    train_rows, val_rows = rows[:-n_val], rows[-n_val:]
+
+    # --- model and optimizer ---
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    if args.resume or args.init_from != "scratch":
+        model = from_pretrained(BertForMaskedLM, str(source), log=print if master else lambda m: None)
+    else:
+        model = BertForMaskedLM(BertConfig(
+            vocab_size=len(tokenizer), hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+            num_attention_heads=args.num_attention_heads, intermediate_size=args.intermediate_size,
+            max_position_embeddings=args.max_len, pad_token_id=tokenizer.pad_token_id))
+    model.to(device)
+    optimizer = configure_optimizer(model, args.learning_rate, args.weight_decay, device)
+    start = 0
+    if args.resume:
+        state = torch.load(run_dir / "latest" / "train_state.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+    raw = model
+    if args.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    if master:
+        print(f"{sum(p.numel() for p in raw.parameters()) / 1e6:.1f}M parameters, {len(train_rows):,} training and "
+              f"{len(val_rows):,} validation sequences of {args.max_len} tokens, device {device}")
+    wandb = None
+    if master and args.track:
+        import wandb as wandb_lib  # imported only when asked for
+
+        wandb = wandb_lib.init(project=args.wandb_project, name=args.run_name, config=asdict(args))
+
+    @torch.no_grad()
+    def evaluate() -> float:  # the same masked validation batches at every evaluation
+        raw.eval()
+        g, total, count = torch.Generator().manual_seed(derived_seed(args.seed, 10**6)), 0.0, 0
+        for _ in range(args.eval_iters):
+            x, y = masked_batch(val_rows, args.batch_size, tokenizer, args, g, device)
+            with autocast(device, args.dtype):
+                _, loss = raw(x, labels=y, selected_only=True)
+            n = int((y != -100).sum())
+            total, count = total + loss.item() * n, count + n
+        raw.train()
+        return total / max(count, 1)
+
+    # --- training: the loss is the mean over every selected token of all micro-batches and processes ---
+    history = {"train_loss": {}, "val_loss": {}}
+    if start == 0:
+        history["val_loss"][0] = evaluate()
+    model.train()
+    bar = tqdm(range(start, args.max_iters), initial=start, total=args.max_iters, dynamic_ncols=True,
+               disable=None if master else True)
+    for step in bar:
+        torch.manual_seed(derived_seed(args.seed, rank, step))  # dropout masks
+        g = torch.Generator().manual_seed(derived_seed(args.seed, rank, step, 1))  # this step's rows and masks
+        micro = [masked_batch(train_rows, args.batch_size, tokenizer, args, g, device)
+                 for _ in range(args.grad_accum_steps)]
+        counts = [int((y != -100).sum()) for _, y in micro]
+        n_global = torch.tensor(float(sum(counts)), device=device)
+        if world > 1:
+            dist.all_reduce(n_global)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args.learning_rate, args.warmup_iters, args.max_iters)
+        total = 0.0
+        for i, ((x, y), n) in enumerate(zip(micro, counts, strict=True)):
+            sync = nullcontext() if world == 1 or i == len(micro) - 1 else model.no_sync()
+            with sync, autocast(device, args.dtype):
+                _, loss = model(x, labels=y, selected_only=True)  # mean over this micro-batch's n selected tokens
+            (loss * n * world / n_global).backward()
+            total += loss.item() * n
+        if args.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        history["train_loss"][step + 1] = total / max(sum(counts), 1)
+        bar.set_postfix(loss=f"{history['train_loss'][step + 1]:.4f}")
+        if master and (step + 1) % args.log_interval == 0:
+            tqdm.write(f"step {step + 1}: train/loss {history['train_loss'][step + 1]:.4f}, "
+                       f"train/lr {optimizer.param_groups[0]['lr']:.3g}")
+        if wandb is not None:
+            wandb.log({"train/loss": history["train_loss"][step + 1]}, step=step + 1)
+        if (step + 1) % args.eval_interval == 0 or step + 1 == args.max_iters:
+            history["val_loss"][step + 1] = evaluate()
+            if master:
+                tqdm.write(f"step {step + 1}: eval/val_loss {history['val_loss'][step + 1]:.4f}")
+                save_checkpoint(run_dir, raw, optimizer, step + 1, source / "vocab.txt", {"args": asdict(args)})
+                if wandb is not None:
+                    wandb.log({"eval/val_loss": history["val_loss"][step + 1]}, step=step + 1)
+    if wandb is not None:
+        wandb.finish()
+    if world > 1:
+        dist.destroy_process_group()
+    return {**history, "run_dir": run_dir}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -666,10 +928,11 @@ def predict(args: PredictArgs) -> list[dict]:
     return out
 
 
-COMMANDS = {FinetuneArgs: finetune, PredictArgs: predict}
+COMMANDS = {PretrainArgs: pretrain, FinetuneArgs: finetune, PredictArgs: predict}
 
 if __name__ == "__main__":
-    args = tyro.cli(Annotated[FinetuneArgs, tyro.conf.subcommand("finetune")]
+    args = tyro.cli(Annotated[PretrainArgs, tyro.conf.subcommand("pretrain")]
+                    | Annotated[FinetuneArgs, tyro.conf.subcommand("finetune")]
                     | Annotated[PredictArgs, tyro.conf.subcommand("predict")])
     try:
         COMMANDS[type(args)](args)

