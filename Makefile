@@ -1,7 +1,7 @@
 # Set-up and the project's main commands. Every target installs what it needs first, on a fresh machine too:
 #   make demo    train the default minigpt (char-level Shakespeare, offline) and print samples
 #   make test    run the test suite
-#   make bench   run the benchmarks (GPT against transformers' GPT-2, same config and batch)
+#   make bench   run the benchmarks (GPT and BERT against transformers', same weights and batch)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -25,6 +25,7 @@ test: setup
 
 bench: setup
 	$(PY) bench/bench_minigpt.py
+	$(PY) bench/bench_minibert.py
 
 lint: setup
 	$(PY) -m ruff check .

@@ -672,6 +672,8 @@ def pretrain(args: PretrainArgs) -> dict:
     history = {"train_loss": {}, "val_loss": {}}
     if start == 0:
         history["val_loss"][0] = evaluate()
+        if master:
+            print(f"step 0: eval/val_loss {history['val_loss'][0]:.4f}")
     model.train()
     bar = tqdm(range(start, args.max_iters), initial=start, total=args.max_iters, dynamic_ncols=True,
                disable=None if master else True)
