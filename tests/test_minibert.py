@@ -634,3 +634,9 @@ def test_resumed_pretraining_has_the_losses_of_the_uninterrupted_run(tmp_path, m
         B.pretrain(pretrain_args(tmp_path, run_name="never", resume=True))
     with pytest.raises(InputError, match="--data-path .*nope.txt: no such file"):
         B.pretrain(pretrain_args(tmp_path, data_path=str(tmp_path / "nope.txt")))
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(InputError, match="latin1.txt: not UTF-8"):
+        B.pretrain(pretrain_args(tmp_path, data_path=str(tmp_path / "latin1.txt")))
+    (tmp_path / "short.txt").write_text("to be or not to be")
+    with pytest.raises(InputError, match="fewer than two sequences of 32"):
+        B.pretrain(pretrain_args(tmp_path, data_path=str(tmp_path / "short.txt")))
