@@ -827,10 +827,12 @@ def predict_proba(model, enc: dict, device, dtype="auto", batch_size: int = 128)
     return torch.cat(out)
 
 
-def train_classifier(model, enc, y, args: FinetuneArgs, lr: float, device, desc: str) -> list[float]:
-    """Fine-tune model on (enc, y) for args.epochs with AdamW, warmup + linear decay and clipping; the losses."""
+def train_classifier(model, enc, y, args: FinetuneArgs, lr: float, device, desc: str, log=None) -> list[float]:
+    """Fine-tune model on (enc, y) for args.epochs with AdamW, warmup + linear decay and clipping; the losses.
+    log(metrics, step), if given, receives the loss of every step."""
     model.to(device).train()
     opt = configure_optimizer(model, lr, args.weight_decay, device)
+    forward = torch.compile(model) if args.compile else model
     steps_per_epoch = math.ceil(len(y) / args.batch_size)
     total = args.epochs * steps_per_epoch
     warmup = max(1, int(args.warmup_fraction * total))
@@ -842,7 +844,7 @@ def train_classifier(model, enc, y, args: FinetuneArgs, lr: float, device, desc:
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, lr, warmup, total)
             with autocast(device, args.dtype):
-                _, loss = model(ids.to(device), mask.to(device), labels=labels.to(device))
+                _, loss = forward(ids.to(device), mask.to(device), labels=labels.to(device))
             loss.backward()
             if args.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -850,6 +852,8 @@ def train_classifier(model, enc, y, args: FinetuneArgs, lr: float, device, desc:
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
             step += 1
+            if log is not None:
+                log({f"train/{desc}/loss": losses[-1]}, step)
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.4f}")
         tqdm.write(f"{desc}: epoch {epoch + 1}/{args.epochs}, mean train loss "
@@ -861,7 +865,15 @@ def train_classifier(model, enc, y, args: FinetuneArgs, lr: float, device, desc:
 def finetune(args: FinetuneArgs) -> dict:
     """Fine-tune a pretrained BERT on ticket categories; compare with BERT from scratch and bag-of-words."""
     # --- data ---
+    if args.resume:
+        raise InputError("finetune has no --resume: a fine-tuning run takes minutes, start it again")
     device = setup_device(args.device)
+    wandb = None
+    if args.track:
+        import wandb as wandb_lib  # imported only when asked for
+
+        wandb = wandb_lib.init(project=args.wandb_project, name=args.run_name, config=asdict(args))
+    log = None if wandb is None else lambda metrics, step: wandb.log(metrics)
     train, test, labels = load_labelled(args)
     y_train, y_test = encode_labels(train, labels, "train split"), encode_labels(test, labels, "test split")
     path = resolve_checkpoint(args.init_from)
@@ -874,7 +886,7 @@ def finetune(args: FinetuneArgs) -> dict:
     torch.manual_seed(args.seed)
     model = from_pretrained(BertForSequenceClassification, args.init_from, num_labels=len(labels))
     t0 = time.perf_counter()
-    train_classifier(model, enc_train, y_train, args, args.learning_rate, device, "fine-tune")
+    train_classifier(model, enc_train, y_train, args, args.learning_rate, device, "fine-tune", log)
     results = {"fine-tuned " + args.init_from: classification_report(
         predict_proba(model, enc_test, device, args.dtype).argmax(-1), y_test, len(labels))}
     results["fine-tuned " + args.init_from]["seconds"] = time.perf_counter() - t0
@@ -888,7 +900,7 @@ def finetune(args: FinetuneArgs) -> dict:
         torch.manual_seed(args.seed)
         scratch = BertForSequenceClassification(model.config)  # the same architecture, random weights
         t0 = time.perf_counter()
-        train_classifier(scratch, enc_train, y_train, args, args.scratch_learning_rate, device, "from scratch")
+        train_classifier(scratch, enc_train, y_train, args, args.scratch_learning_rate, device, "from scratch", log)
         results["same BERT from scratch"] = classification_report(
             predict_proba(scratch, enc_test, device, args.dtype).argmax(-1), y_test, len(labels))
         results["same BERT from scratch"]["seconds"] = time.perf_counter() - t0
@@ -908,6 +920,9 @@ def finetune(args: FinetuneArgs) -> dict:
           " ".join(f"{i:>4}" for i in range(len(labels))))
     for i, name in enumerate(labels):
         print(f"{name:{width}} " + " ".join(f"{int(c):>4}" for c in first["confusion"][i]) + f"   ({i})")
+    if wandb is not None:
+        wandb.log({f"eval/{name}/{k}": r[k] for name, r in results.items() for k in ("accuracy", "macro_f1")})
+        wandb.finish()
     print(f"\nclassifier saved to {out}; try: python minibert.py predict --model {out} \"I was charged twice\"")
     return {"results": results, "labels": labels, "model_dir": out}
 

@@ -569,6 +569,8 @@ def test_bad_labelled_input_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", fake)
     with pytest.raises(InputError, match=r"--dataset banking77: no column \['label'\] \(has \['text', 'intent'\]\)"):
         B.load_labelled(B.FinetuneArgs(dataset="banking77"))
+    with pytest.raises(InputError, match="finetune has no --resume"):
+        B.finetune(B.FinetuneArgs(resume=True))
     with pytest.raises(InputError, match="no ticket to classify"):
         monkeypatch.setattr(sys, "stdin", io.StringIO(""))
         B.predict(B.PredictArgs(model=str(B.resolve_checkpoint("minilm"))))
