@@ -559,14 +559,13 @@ def mlm_sequences(text: str, tokenizer, max_len: int, cache_dir: Path) -> torch.
     return torch.from_numpy(np.load(cache))
 
 
-def masked_batch(rows: torch.Tensor, batch_size: int, tokenizer, args: PretrainArgs, generator, device):
-    """batch_size random rows, masked by BERT's rule: (inputs, labels), both (B, T)."""
+def masked_batch(rows: torch.Tensor, batch_size: int, tokenizer, args: PretrainArgs, generator, device,
+                 word_start=None):
+    """batch_size random rows, masked by BERT's rule: (inputs, labels), both (B, T). word_start (vocab,) marks
+    the tokens that begin a word; given, whole words are masked."""
     ids = rows[torch.randint(len(rows), (batch_size,), generator=generator)].long()
     special = torch.isin(ids, torch.tensor(tokenizer.all_special_ids))
-    word_ids = None
-    if args.whole_word_mask:  # a WordPiece token that starts with ## continues the word before it
-        continues = torch.tensor([t.startswith("##") for t in tokenizer.convert_ids_to_tokens(range(len(tokenizer)))])
-        word_ids = (~continues[ids]).long().cumsum(dim=1)
+    word_ids = None if word_start is None else word_start[ids].long().cumsum(dim=1)
     inputs, labels = mask_tokens(ids, special, tokenizer.mask_token_id, len(tokenizer), args.mlm_probability,
                                  word_ids, generator)
     return inputs.to(device), labels.to(device)
@@ -627,6 +626,9 @@ def pretrain(args: PretrainArgs) -> dict:
     rows = mlm_sequences(text, tokenizer, args.max_len, cache_dir)
     n_val = max(1, len(rows) // 20)
     train_rows, val_rows = rows[:-n_val], rows[-n_val:]
+    word_start = None  # for whole-word masking: a WordPiece token that starts with ## continues the word before it
+    if args.whole_word_mask:
+        word_start = ~torch.tensor([t.startswith("##") for t in tokenizer.convert_ids_to_tokens(range(len(tokenizer)))])
 
     # --- model and optimizer ---
     torch.manual_seed(args.seed)  # the same initial weights on every rank
@@ -663,7 +665,7 @@ def pretrain(args: PretrainArgs) -> dict:
         raw.eval()
         g, total, count = torch.Generator().manual_seed(derived_seed(args.seed, 10**6)), 0.0, 0
         for _ in range(args.eval_iters):
-            x, y = masked_batch(val_rows, args.batch_size, tokenizer, args, g, device)
+            x, y = masked_batch(val_rows, args.batch_size, tokenizer, args, g, device, word_start)
             with autocast(device, args.dtype):
                 _, loss = raw(x, labels=y, selected_only=True)
             n = int((y != -100).sum())
@@ -683,7 +685,7 @@ def pretrain(args: PretrainArgs) -> dict:
     for step in bar:
         torch.manual_seed(derived_seed(args.seed, rank, step))  # dropout masks
         g = torch.Generator().manual_seed(derived_seed(args.seed, rank, step, 1))  # this step's rows and masks
-        micro = [masked_batch(train_rows, args.batch_size, tokenizer, args, g, device)
+        micro = [masked_batch(train_rows, args.batch_size, tokenizer, args, g, device, word_start)
                  for _ in range(args.grad_accum_steps)]
         counts = [int((y != -100).sum()) for _, y in micro]
         n_global = torch.tensor(float(sum(counts)), device=device)
