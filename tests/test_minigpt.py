@@ -1,7 +1,7 @@
 """minigpt.py against independent references: transformers' GPT-2, brute-force BPE, closed forms, one big batch."""
 
+import datetime
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -317,9 +317,10 @@ def test_gradient_accumulation_equals_one_big_batch():
     assert not torch.allclose(c.lm_head.weight.grad, d.lm_head.weight.grad, atol=1e-4)
 
 
-def _ddp_worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+def _ddp_worker(rank, world, store, out):
+    # a file rendezvous: no port to collide with; a stuck collective fails after the timeout instead of hanging
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                                         timeout=datetime.timedelta(seconds=120))
     x, y = masked_batches()
     model = torch.nn.parallel.DistributedDataParallel(small_gpt())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -336,7 +337,7 @@ def _ddp_worker(rank, world, port, out):
 def test_ddp_step_equals_single_process(tmp_path):
     """2 processes (gloo), each with its own rows and number of targets, give the single-process update."""
     out = tmp_path / "ddp.pt"
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, 29500 + os.getpid() % 1000, str(out)), nprocs=2)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2)
     x, y = masked_batches()
     single = small_gpt()
     opt = torch.optim.SGD(single.parameters(), lr=0.1)
