@@ -1,0 +1,150 @@
+"""ppo_rlhf.py against brute-force loops, hand computations and the papers' formulas; tiny PPO runs end to end."""
+
+import math
+
+import pytest
+import torch
+
+import ppo_rlhf as P
+
+# ---------------------------------------------------------------------------------------------------------------
+# Advantages, losses, KL: against brute force and hand computation
+
+
+def prefix_mask(lengths: list[int], R: int) -> torch.Tensor:
+    return torch.tensor([[1.0] * n + [0.0] * (R - n) for n in lengths])
+
+
+def test_gae_equals_brute_force_sum():
+    g = torch.Generator().manual_seed(0)
+    B, R, gamma, lam = 4, 7, 0.97, 0.9
+    rewards, values = torch.randn(B, R, generator=g), torch.randn(B, R, generator=g)
+    lengths = [7, 3, 1, 5]
+    mask = prefix_mask(lengths, R)
+    adv, ret = P.compute_gae(rewards, values, mask, gamma, lam)
+    for b, n in enumerate(lengths):
+        v = values[b, :n].tolist() + [0.0]  # the episode ends after the last response token: V = 0 there
+        delta = [rewards[b, t].item() + gamma * v[t + 1] - v[t] for t in range(n)]
+        for t in range(R):
+            want = sum((gamma * lam) ** l * delta[t + l] for l in range(n - t)) if t < n else 0.0
+            assert adv[b, t].item() == pytest.approx(want, abs=1e-5), (b, t)
+            assert ret[b, t].item() == pytest.approx(want + v[t] if t < n else 0.0, abs=1e-5), (b, t)
+
+
+def test_gae_with_lambda_one_and_gamma_one_is_reward_to_go_minus_value():
+    rewards, values = torch.tensor([[0.1, -0.2, 1.5, 9.0]]), torch.tensor([[0.3, 0.2, -0.4, 7.0]])
+    mask = prefix_mask([3], 4)
+    adv, ret = P.compute_gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    torch.testing.assert_close(ret, torch.tensor([[1.4, 1.3, 1.5, 0.0]]))  # Monte Carlo returns
+    torch.testing.assert_close(adv, torch.tensor([[1.1, 1.1, 1.9, 0.0]]))
+
+
+def test_policy_loss_against_hand_computation():
+    logp = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.9]]))
+    old = torch.log(torch.tensor([[0.4, 0.3, 0.4, 0.1]]))  # ratios 1.25, 1.0, 0.5, 9 (the last is masked out)
+    adv = torch.tensor([[2.0, -1.0, -3.0, 100.0]])
+    mask = prefix_mask([3], 4)
+    loss, stats = P.policy_loss(logp, old, adv, mask, clip_range=0.2)
+    # token 0: min(1.25 * 2, 1.2 * 2) = 2.4 (clipped); token 1: -1; token 2: min(0.5 * -3, 0.8 * -3) = -2.4 (clipped)
+    assert loss.item() == pytest.approx(-(2.4 - 1.0 - 2.4) / 3, abs=1e-6)
+    assert stats["clipfrac"] == pytest.approx(2 / 3)
+    want_kl = 0.5 * (math.log(1.25) ** 2 + 0 + math.log(0.5) ** 2) / 3
+    assert stats["approx_kl"] == pytest.approx(want_kl, abs=1e-6)
+    # inside the clip range the gradient is the policy gradient -A * rho * grad log pi, divided by the token count
+    logp = logp.clone().requires_grad_()
+    P.policy_loss(logp, old, adv, mask, clip_range=10.0)[0].backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-2.0 * 1.25, 1.0, 3.0 * 0.5, 0.0]]) / 3)
+
+
+def test_value_loss_against_hand_computation():
+    values = torch.tensor([[1.0, 0.5, -2.0, 4.0]])
+    old = torch.tensor([[0.0, 0.4, -1.0, 0.0]])
+    returns = torch.tensor([[2.0, 0.0, -1.5, 9.0]])
+    mask = prefix_mask([3], 4)
+    loss, stats = P.value_loss(values, old, returns, mask, clip_range=0.2)
+    # token 0: V clipped to 0.2: max((1-2)^2, (0.2-2)^2) = 3.24; token 1: |0.1| inside: 0.25;
+    # token 2: V clipped to -1.2: max((-2+1.5)^2, (-1.2+1.5)^2) = 0.25
+    assert loss.item() == pytest.approx(0.5 * (3.24 + 0.25 + 0.25) / 3, abs=1e-6)
+    assert stats["vf_clipfrac"] == pytest.approx(1 / 3)
+
+
+def test_k1_and_k3_estimate_the_kl_of_two_categoricals():
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    q = torch.tensor([0.25, 0.25, 0.25, 0.25])
+    exact = float((p * (p / q).log()).sum())
+    draws = torch.multinomial(p, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    logp, logq = p.log()[draws], q.log()[draws]
+    k1, k3 = P.kl_penalty(logp, logq, "k1"), P.kl_penalty(logp, logq, "k3")
+    torch.testing.assert_close(k1, logp - logq)  # k1 is the log-ratio itself
+    assert k1.mean().item() == pytest.approx(exact, abs=0.01)
+    assert k3.mean().item() == pytest.approx(exact, abs=0.01)
+    assert (k3 >= 0).all() and (k1 < 0).any() and k3.var() < k1.var()
+    with pytest.raises(ValueError, match="unknown KL estimator 'k2'"):
+        P.kl_penalty(logp, logq, "k2")
+
+
+def test_rlhf_rewards_put_the_score_on_the_last_response_token():
+    kl = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, -0.1, 0.7, 0.8]])
+    mask = prefix_mask([2, 4], 4)
+    rewards = P.rlhf_rewards(torch.tensor([3.0, -1.0]), kl, mask, beta=0.5)
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 3.0 - 0.1, 0.0, 0.0], [-0.25, 0.05, -0.35, -1.4]]))
+    # summed over the response: the score minus beta times the sequence log-ratio (Ziegler et al. 2019, eq. 2)
+    torch.testing.assert_close(rewards.sum(1), torch.tensor([3.0 - 0.5 * 0.3, -1.0 - 0.5 * 1.9]))
+
+
+def test_adaptive_kl_controller_follows_ziegler_et_al():
+    ctl = P.AdaptiveKLController(0.1, target=6.0, horizon=10_000)
+    beta = 0.1
+    for kl, n in [(6.6, 64), (30.0, 64), (1.0, 128), (5.4, 64), (6.0, 32)]:
+        ctl.update(kl, n)
+        e = max(-0.2, min(0.2, (kl - 6.0) / 6.0))  # e_t = clip((KL - target) / target, -0.2, 0.2)
+        beta *= 1 + e * n / 10_000  # beta <- beta (1 + K_beta e_t), K_beta = n_steps / horizon
+        assert ctl.value == pytest.approx(beta, rel=1e-12)
+    assert P.AdaptiveKLController(0.1, 6.0, 100).value == 0.1
+    up, down = P.AdaptiveKLController(0.1, 6.0, 100), P.AdaptiveKLController(0.1, 6.0, 100)
+    up.update(100.0, 10), down.update(0.0, 10)
+    assert up.value == pytest.approx(0.1 * 1.02) and down.value == pytest.approx(0.1 * 0.98)  # clipped at +-20 %
+    fixed = P.FixedKLController(0.05)
+    fixed.update(100.0, 64)
+    assert fixed.value == 0.05
+    with pytest.raises(ValueError, match="target > 0"):
+        P.AdaptiveKLController(0.1, 0.0, 100)
+
+
+def test_masking_helpers():
+    eot = 9
+    response = torch.tensor([[4, 5, 9, 9, 9], [1, 2, 3, 4, 5], [9, 9, 9, 9, 9], [3, 9, 4, 9, 9]])
+    mask = P.response_mask(response, eot)
+    torch.testing.assert_close(mask, prefix_mask([3, 5, 1, 2], 5))  # up to and including the first end token
+    assert P.last_index(mask).tolist() == [2, 4, 0, 1]
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0, -50.0]] * 4)
+    assert P.masked_mean(x, mask).item() == pytest.approx((6 + 56 + 1 + 3) / 11)
+    w = P.whiten(x, mask)
+    kept = x[mask.bool()]
+    torch.testing.assert_close(w[mask.bool()], (kept - kept.mean()) / kept.std(), atol=1e-5, rtol=1e-5)
+    assert (w[~mask.bool()] == 0).all()
+    assert P.explained_variance(x, x, mask) == 1.0
+
+
+def test_losses_ignore_everything_outside_the_response_mask():
+    """Perturbing logprobs, values, advantages and returns where the mask is 0 changes no loss and no gradient."""
+    g = torch.Generator().manual_seed(1)
+    B, R = 3, 6
+    mask = prefix_mask([6, 2, 4], R)
+    tensors = [torch.randn(B, R, generator=g) for _ in range(6)]
+
+    def losses(logp, old, adv, values, old_values, returns):
+        logp, values = logp.clone().requires_grad_(), values.clone().requires_grad_()
+        rewards = P.rlhf_rewards(adv[:, 0], old, mask, beta=0.1)
+        gae_adv, gae_ret = P.compute_gae(rewards, old_values, mask, 1.0, 0.95)
+        pg = P.policy_loss(logp, old, P.whiten(gae_adv, mask), mask)[0]
+        vf = P.value_loss(values, old_values, gae_ret, mask)[0]
+        (pg + vf).backward()
+        return pg.detach(), vf.detach(), logp.grad, values.grad
+
+    before = losses(*tensors)
+    noise = [t + 10 * torch.randn(B, R, generator=g) * (1 - mask) for t in tensors]
+    noise[2][:, 0] = tensors[2][:, 0]  # (the scores ride on column 0 of the advantages here: keep them)
+    after = losses(*noise)
+    for a, b in zip(before, after, strict=True):
+        torch.testing.assert_close(a, b)
