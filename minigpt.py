@@ -272,11 +272,14 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())  # the tied lm_head weight is counted once
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def hidden_states(self, idx, attention_mask=None, cache: KVCache | None = None):
+    def hidden_states(self, idx, attention_mask=None, cache: KVCache | None = None, document_ids=None):
         """Final hidden states (B, T, C), after ln_f.
 
         idx (B, T): token ids. attention_mask (B, T_past + T): 1 for real tokens, 0 for left padding; a padded row
         gets exactly the positions and attention it would have alone. cache: keys/values of the T_past earlier tokens.
+        document_ids (B, T): for rows that pack several texts, the index of the text each token belongs to (non-
+        decreasing along a row); a token then attends only within its own text and positions restart at 0 for each
+        text, so a packed row computes what its texts give one by one (no cross-text leakage).
         """
         B, T = idx.shape
         past = cache.len if cache is not None else 0
@@ -284,7 +287,16 @@ class GPT(nn.Module):
             raise InputError(f"a sequence of {past + T} tokens is longer than the model's context "
                              f"(block_size={self.config.block_size})")
         q_pos = torch.arange(past, past + T, device=idx.device)  # (T,) index of each query in the whole sequence
-        if attention_mask is None:
+        if document_ids is not None:
+            if cache is not None or attention_mask is not None:
+                raise InputError("document_ids (packed rows) cannot be combined with a cache or an attention_mask")
+            same = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
+            mask = (same & (q_pos[None, :] <= q_pos[:, None]))[:, None]  # causal within each text
+            start = torch.ones_like(document_ids, dtype=torch.bool)
+            start[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]  # first token of each text
+            first = torch.cummax(torch.where(start, q_pos, 0), dim=1).values  # (B, T) index where its text begins
+            pos = q_pos - first
+        elif attention_mask is None:
             pos = q_pos
             # no past and no padding: is_causal; with a past, query i sees keys 0..past+i
             mask = None if past == 0 else torch.arange(past + T, device=idx.device) <= q_pos[:, None]
@@ -302,10 +314,11 @@ class GPT(nn.Module):
             cache.len += T
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None, attention_mask=None, reduction: str = "mean"):
+    def forward(self, idx, targets=None, attention_mask=None, reduction: str = "mean", document_ids=None):
         """Returns (logits (B, T, vocab), loss). targets[b, t] is the token that follows idx[b, :t+1]; -100 is
-        ignored. The loss is the mean cross-entropy over counted targets, or their sum with reduction='sum'."""
-        logits = self.lm_head(self.hidden_states(idx, attention_mask))
+        ignored. The loss is the mean cross-entropy over counted targets, or their sum with reduction='sum'.
+        attention_mask, document_ids: see hidden_states."""
+        logits = self.lm_head(self.hidden_states(idx, attention_mask, document_ids=document_ids))
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction=reduction)
@@ -350,6 +363,20 @@ class GPT(nn.Module):
             if eos_token_id is not None and done.all():
                 break
         return out
+
+    def resize_vocab(self, vocab_size: int):
+        """Grow the (tied) token embedding to vocab_size rows, e.g. for a new end-of-text token. New rows start at
+        the mean of the old ones, so a new token's initial logits are the average of the others' and the model's
+        outputs barely move (Hewitt 2021, "Initializing new word embeddings for pretrained language models")."""
+        old = self.transformer.wte.weight.data
+        if vocab_size < old.size(0):
+            raise InputError(f"cannot shrink the vocabulary from {old.size(0)} to {vocab_size} tokens")
+        wte = nn.Embedding(vocab_size, old.size(1), device=old.device, dtype=old.dtype)
+        wte.weight.data[: old.size(0)] = old
+        wte.weight.data[old.size(0):] = old.mean(dim=0)
+        self.transformer.wte = wte
+        self.lm_head.weight = wte.weight
+        self.config.vocab_size = vocab_size
 
     # --- Hugging Face interoperability -------------------------------------------------------------------------
 
@@ -396,6 +423,18 @@ class GPT(nn.Module):
         _atomic_write(path / "config.json", lambda f: Path(f).write_text(json.dumps(self.config.to_hf(), indent=2)))
 
 
+def load_pretrained(name_or_dir: str, dropout: float | None = None):
+    """(GPT, tokenizer) from a run's checkpoint directory (its run.json names the tokenizer, e.g. runs/minigpt/latest)
+    or from any Hugging Face GPT-2 (a hub name or a directory without run.json: GPT-2's BPE)."""
+    model = GPT.from_pretrained(name_or_dir, dropout=dropout)
+    meta = Path(name_or_dir) / "run.json"
+    tokenizer = get_tokenizer(**json.loads(meta.read_text())["tokenizer"]) if meta.exists() else get_tokenizer("gpt2")
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise InputError(f"{name_or_dir}: the model has {model.config.vocab_size} token embeddings, fewer than its "
+                         f"tokenizer's {tokenizer.vocab_size}")
+    return model, tokenizer
+
+
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Draw one token per row from logits (B, vocab): greedy at temperature 0, else softmax(logits / temperature)
     restricted to the top_k tokens and to the nucleus of probability top_p (Holtzman et al. 2020)."""
@@ -417,29 +456,39 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
 # Tokenizers
 
 
-class CharTokenizer:
-    """One token per character; the vocabulary is the set of characters of the training text."""
+EOT = "<|endoftext|>"  # GPT-2's end-of-text token, written the same way by both tokenizers
 
-    def __init__(self, chars: str):
+
+class CharTokenizer:
+    """One token per character; the vocabulary is the set of characters of the training text. With eot=True one
+    more id (after the characters) marks the end of a text, written <|endoftext|> as in GPT-2."""
+
+    def __init__(self, chars: str, eot: bool = False):
         self.chars = chars
         self.stoi = {c: i for i, c in enumerate(chars)}
-        self.vocab_size, self.eot_token = len(chars), None
+        self.eot_token = len(chars) if eot else None
+        self.vocab_size = len(chars) + int(eot)
 
     @classmethod
     def from_text(cls, text: str) -> "CharTokenizer":
         return cls("".join(sorted(set(text))))
 
     def encode(self, text: str) -> list[int]:
+        if self.eot_token is not None and EOT in text:
+            ids = []
+            for i, part in enumerate(text.split(EOT)):
+                ids += ([self.eot_token] if i else []) + self.encode(part)
+            return ids
         try:
             return [self.stoi[c] for c in text]
         except KeyError as e:
             raise InputError(f"character {e.args[0]!r} is not in the char tokenizer's vocabulary") from None
 
     def decode(self, ids) -> str:
-        return "".join(self.chars[i] for i in ids)
+        return "".join(EOT if i == self.eot_token else self.chars[i] for i in ids)
 
     def spec(self) -> dict:
-        return {"name": "char", "chars": self.chars}
+        return {"name": "char", "chars": self.chars} | ({"eot": True} if self.eot_token is not None else {})
 
 
 # GPT-2's pre-tokenisation regex (tiktoken's r50k_base pat_str): contractions, letters, digits, punctuation, spaces
@@ -470,14 +519,15 @@ class BPETokenizer:
         return {"name": "gpt2"}
 
 
-def get_tokenizer(name: str, chars: str | None = None):
-    """'gpt2': GPT-2 BPE; 'char': character-level over `chars`. tokenizer.spec() gives these arguments back."""
+def get_tokenizer(name: str, chars: str | None = None, eot: bool = False):
+    """'gpt2': GPT-2 BPE (it has an end-of-text token); 'char': character-level over `chars`, with an end-of-text
+    token if eot. tokenizer.spec() gives these arguments back."""
     if name == "gpt2":
         return BPETokenizer()
     if name == "char":
         if chars is None:
             raise InputError("the char tokenizer needs its vocabulary (chars); build it with CharTokenizer.from_text")
-        return CharTokenizer(chars)
+        return CharTokenizer(chars, eot)
     raise InputError(f"--tokenizer {name!r}: expected 'char' or 'gpt2'")
 
 
