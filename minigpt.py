@@ -413,12 +413,16 @@ class GPT(nn.Module):
                                  f"({self.config}) expects {tuple(own[k].shape)}")
         self.load_state_dict(sd)
 
+    def hf_state_dict(self) -> dict:
+        """The weights named and laid out as transformers' GPT2 models hold them (Conv1D weights transposed)."""
+        return {k: (v.t() if k.endswith(_CONV1D) else v).detach().cpu().contiguous()
+                for k, v in self.state_dict().items() if k != "lm_head.weight"}  # tied to wte: saved once
+
     def save_pretrained(self, path: str | Path):
         """Write config.json and model.safetensors that transformers' GPT2LMHeadModel.from_pretrained loads."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        sd = {k: (v.t() if k.endswith(_CONV1D) else v).detach().cpu().contiguous()
-              for k, v in self.state_dict().items() if k != "lm_head.weight"}  # tied to wte: saved once
+        sd = self.hf_state_dict()
         _atomic_write(path / "model.safetensors", lambda f: save_file(sd, f, metadata={"format": "pt"}))
         _atomic_write(path / "config.json", lambda f: Path(f).write_text(json.dumps(self.config.to_hf(), indent=2)))
 

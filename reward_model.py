@@ -1,0 +1,514 @@
+"""reward_model.py: a Bradley-Terry reward model trained on preference pairs, the second stage of RLHF.
+
+A GPT backbone (initialised from the SFT policy, as in Ouyang et al. 2022) with a scalar head read at the last
+non-padding token gives r(prompt, response). Trained on pairs (chosen y_w, rejected y_l) to maximise the
+Bradley-Terry likelihood P(y_w > y_l) = sigmoid(r(x, y_w) - r(x, y_l)) (Bradley & Terry 1952; Stiennon et al. 2020;
+Ouyang et al. 2022 eq. 1), optionally with a margin (Touvron et al. 2023, Llama 2, eq. 2). After training, rewards are
+normalised to mean 0 and std 1 over responses of the SFT policy (Ziegler et al. 2019), the constants stored with the
+checkpoint. The checkpoint is a Hugging Face directory that `transformers.GPT2ForSequenceClassification` loads with
+equal (raw) scores.
+
+Subcommands:
+    pairs   sample responses of the SFT policy, label them with the gold judge, write preference JSONL
+            (data/alignment/pairs_{train,test}.jsonl; --label-noise flips a fraction, like disagreeing raters)
+    train   train the reward model on them (runs/reward_model/), report held-out pairwise accuracy and the
+            agreement with the gold judge on fresh samples (pairwise accuracy, Spearman rank correlation)
+    score   print the reward of one response
+
+Run it (after `python sft.py`):
+    python reward_model.py pairs                      # ~1 min on 2 CPU cores
+    python reward_model.py train                      # ~3 min
+    python reward_model.py score --prompt "Say something about love." --response " O, how I love thee!"
+    python reward_model.py pairs --label-noise 0.2    # noisy raters
+    python reward_model.py train --pairs-train hh_train.jsonl --pairs-test hh_test.jsonl   # any pairs in this layout
+    python reward_model.py train --dataset Anthropic/hh-rlhf --init-from gpt2 --device cuda   # with a hub
+"""
+
+import json
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from alignment_task import format_prompt, gold_reward, make_instructions, read_pairs, write_jsonl
+from minigpt import (
+    GPT,
+    GPTConfig,
+    InputError,
+    Logger,
+    _atomic_write,
+    _sync,
+    configure_optimizer,
+    derived_seed,
+    get_tokenizer,
+    load_checkpoint,
+    lr_at,
+    save_checkpoint,
+    seeded,
+    setup_runtime,
+    train_step,
+)
+from sft import generate_responses, load_policy
+
+
+@dataclass
+class Args:
+    # --- common to every script ---
+    seed: int = 1337
+    """random seed; every random choice of a run is a function of (seed, rank, iteration)"""
+    device: str = "auto"
+    """'auto' (cuda, then mps, then cpu), or a torch device such as 'cpu', 'cuda', 'cuda:1'"""
+    dtype: str = "auto"
+    """'auto' (bfloat16 autocast on CUDA where supported, else float32), 'bfloat16' or 'float32'"""
+    compile: bool = False
+    """compile the model with torch.compile"""
+    track: bool = False
+    """log metrics to Weights & Biases (WANDB_MODE=offline works without a network)"""
+    wandb_project: str = "minillm"
+    """Weights & Biases project"""
+    run_name: str = "reward_model"
+    """name of the run: checkpoints go to <output-dir>/<run-name>/"""
+    output_dir: str = "runs"
+    """directory that holds the runs"""
+    resume: bool = False
+    """continue the run in <output-dir>/<run-name>/ from its latest checkpoint"""
+
+
+@dataclass
+class PairsArgs:
+    seed: int = 1337
+    """random seed of the sampling and of the label noise"""
+    device: str = "auto"
+    """'auto' (cuda, then mps, then cpu), or a torch device"""
+    policy: str = "runs/sft/latest"
+    """the SFT policy whose samples are compared"""
+    out_dir: str = "data/alignment"
+    """where pairs_train.jsonl and pairs_test.jsonl are written"""
+    n_train_prompts: int = 3000
+    """prompts of the training split (a pair each, unless all its samples tie)"""
+    n_test_prompts: int = 400
+    """prompts of the held-out split (unseen plays)"""
+    samples_per_prompt: int = 4
+    """responses sampled per prompt; the pair is the gold judge's best and worst of them"""
+    label_noise: float = 0.0
+    """fraction of pairs whose labels are swapped, to imitate disagreeing human raters"""
+    temperature: float = 1.0
+    """sampling temperature"""
+    max_new_tokens: int = 96
+    """longest response, in tokens"""
+    batch_size: int = 128
+    """prompts per generation batch"""
+
+
+@dataclass
+class TrainArgs(Args):
+    # --- data ---
+    pairs_train: str = "data/alignment/pairs_train.jsonl"
+    """preference pairs to train on: JSONL rows {"prompt", "chosen", "rejected"}"""
+    pairs_test: str = "data/alignment/pairs_test.jsonl"
+    """held-out preference pairs"""
+    dataset: str | None = None
+    """a hub data set in the Anthropic/hh-rlhf layout instead (needs `datasets` and the hub)"""
+    # --- model ---
+    init_from: str = "runs/sft/latest"
+    """the backbone: the SFT policy (a minigpt/sft checkpoint directory or a Hugging Face GPT-2)"""
+    dropout: float = 0.0
+    """dropout during training"""
+    # --- optimisation ---
+    margin: float = 0.0
+    """Bradley-Terry margin m: loss -log sigmoid(r_chosen - r_rejected - m)"""
+    batch_size: int = 32
+    """pairs per micro-batch (per process); chosen and rejected go through the model together"""
+    grad_accum_steps: int = 1
+    """micro-batches per optimizer step"""
+    max_iters: int = 400
+    """optimizer steps"""
+    learning_rate: float = 3e-4
+    """peak learning rate, reached after the warmup"""
+    min_lr: float = 3e-5
+    """learning rate at the end of the cosine decay"""
+    warmup_iters: int = 20
+    """steps of linear warmup"""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices only"""
+    beta1: float = 0.9
+    """AdamW beta1"""
+    beta2: float = 0.95
+    """AdamW beta2"""
+    grad_clip: float = 1.0
+    """clip the global gradient norm to this (0: no clipping)"""
+    # --- evaluation, logging, checkpoints ---
+    eval_interval: int = 100
+    """evaluate and checkpoint every this many steps"""
+    log_interval: int = 20
+    """steps between log lines"""
+    n_judge_prompts: int = 256
+    """held-out prompts with two fresh SFT samples each: the normalisation set and the agreement with the gold judge"""
+    temperature: float = 1.0
+    """sampling temperature of those fresh samples"""
+    max_new_tokens: int = 96
+    """longest fresh sample, in tokens"""
+
+
+@dataclass
+class ScoreArgs:
+    model: str = "runs/reward_model/latest"
+    """the reward model directory"""
+    prompt: str = "Say something about love."
+    """the instruction (put into the chat template unless it already has one)"""
+    response: str = " I love thee well, and so I ever shall."
+    """the response to score"""
+    device: str = "auto"
+    """'auto' (cuda, then mps, then cpu), or a torch device"""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model and its loss
+
+
+class RewardModel(nn.Module):
+    """A GPT backbone and a scalar head on the hidden state of the last non-padding token, laid out as transformers'
+    GPT2ForSequenceClassification (num_labels=1): `transformer.*` and `score.weight`."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.gpt = GPT(cfg)  # its lm_head is tied to the token embedding: no extra weights
+        self.config = cfg
+        self.score = nn.Linear(cfg.n_embd, 1, bias=False)
+        # head init N(0, 1/sqrt(d_model + 1)) (Huang et al. 2024, "The N implementation details of RLHF with PPO")
+        nn.init.normal_(self.score.weight, std=1 / np.sqrt(cfg.n_embd + 1))
+        self.reward_mean, self.reward_std = 0.0, 1.0  # set after training (Ziegler et al. 2019)
+
+    def forward(self, idx, attention_mask=None):
+        """Raw rewards (B,) of sequences idx (B, T), padded on either side (attention_mask 1 for real tokens)."""
+        h = self.gpt.hidden_states(idx, attention_mask)  # (B, T, C)
+        if attention_mask is None:
+            last = torch.full((idx.size(0),), idx.size(1) - 1, device=idx.device)
+        else:  # the rightmost real token: the end of a right-padded row, the last column of a left-padded one
+            last = (torch.arange(idx.size(1), device=idx.device) * attention_mask).argmax(dim=-1)
+        return self.score(h[torch.arange(idx.size(0), device=idx.device), last]).squeeze(-1).float()
+
+    def normalized(self, idx, attention_mask=None):
+        """Rewards with mean 0 and std 1 over the SFT policy's responses: what PPO optimises."""
+        return (self(idx, attention_mask) - self.reward_mean) / self.reward_std
+
+    # --- Hugging Face interoperability (the names minigpt's save_checkpoint / load_checkpoint call) ---
+
+    def hf_config(self, pad_token_id: int | None = None) -> dict:
+        return {**self.config.to_hf(), "architectures": ["GPT2ForSequenceClassification"], "num_labels": 1,
+                "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}, "pad_token_id": pad_token_id,
+                "reward_mean": self.reward_mean, "reward_std": self.reward_std}
+
+    def save_pretrained(self, path: str | Path, pad_token_id: int | None = None):
+        """config.json + model.safetensors that GPT2ForSequenceClassification.from_pretrained loads. It finds the
+        last token as the rightmost one that is not pad_token_id: set it to a token no input contains (the end-of-text
+        token: reward inputs end with the response's last token, not with the end token)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        pad = getattr(self, "pad_token_id", None) if pad_token_id is None else pad_token_id
+        sd = {**self.gpt.hf_state_dict(), "score.weight": self.score.weight.detach().cpu().contiguous()}
+        _atomic_write(path / "model.safetensors", lambda f: save_file(sd, f, metadata={"format": "pt"}))
+        _atomic_write(path / "config.json", lambda f: Path(f).write_text(json.dumps(self.hf_config(pad), indent=2)))
+
+    def load_hf_state_dict(self, sd: dict, source: str):
+        sd = dict(sd)
+        if "score.weight" not in sd:
+            raise InputError(f"{source}: no score.weight: not a reward model checkpoint")
+        self.score.weight.data.copy_(sd.pop("score.weight"))
+        self.gpt.load_hf_state_dict(sd, source)
+
+
+def load_reward_model(path: str | Path):
+    """(RewardModel, tokenizer) from a directory written by `reward_model.py train` (runs/reward_model/latest)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path}: no reward model here (expected config.json and model.safetensors)")
+    config = json.loads((path / "config.json").read_text())
+    model = RewardModel(GPTConfig.from_hf(config, str(path)))
+    model.load_hf_state_dict(load_file(path / "model.safetensors"), str(path / "model.safetensors"))
+    model.reward_mean, model.reward_std = config.get("reward_mean", 0.0), config.get("reward_std", 1.0)
+    model.pad_token_id = config.get("pad_token_id")
+    run = path / "run.json"
+    tokenizer = get_tokenizer(**json.loads(run.read_text())["tokenizer"]) if run.exists() else get_tokenizer("gpt2")
+    return model, tokenizer
+
+
+def bt_loss(r_chosen, r_rejected, margin: float = 0.0):
+    """Per-pair Bradley-Terry loss -log sigmoid(r_chosen - r_rejected - margin) (Ouyang et al. 2022 eq. 1; the
+    margin as in Touvron et al. 2023 eq. 2). logsigmoid is the stable form of log(1 / (1 + exp(-x)))."""
+    return -F.logsigmoid(r_chosen - r_rejected - margin)
+
+
+def encode_sequence(tokenizer, prompt: str, response: str, block_size: int) -> list[int]:
+    """The reward model's input: prompt tokens + response tokens (no end token), the response cut to the context."""
+    if not response.strip():
+        raise InputError("the response is empty")
+    p = tokenizer.encode(prompt)
+    if len(p) >= block_size:
+        raise InputError(f"the prompt has {len(p)} tokens, the model's context is {block_size}: no room for a response")
+    return (p + tokenizer.encode(response))[:block_size]
+
+
+def encode_pairs(tokenizer, pairs: list[dict], block_size: int, source: str) -> list[tuple[list[int], list[int]]]:
+    out = []
+    for i, row in enumerate(pairs, start=1):
+        try:
+            out.append((encode_sequence(tokenizer, row["prompt"], row["chosen"], block_size),
+                        encode_sequence(tokenizer, row["prompt"], row["rejected"], block_size)))
+        except InputError as e:
+            raise InputError(f"{source}, pair {i}: {e}") from None
+    return out
+
+
+def right_pad(seqs: list[list[int]], pad_id: int, device="cpu"):
+    """(idx, attention_mask): sequences right-padded to one length."""
+    T = max(len(s) for s in seqs)
+    idx = torch.tensor([s + [pad_id] * (T - len(s)) for s in seqs], device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in seqs], device=device)
+    return idx, mask
+
+
+def pair_batch(pairs: list[tuple[list[int], list[int]]], pad_id: int, device="cpu"):
+    """Chosen rows then rejected rows, padded together: one forward pass scores both sides of every pair."""
+    return right_pad([c for c, _ in pairs] + [r for _, r in pairs], pad_id, device)
+
+
+def pair_loss_sum(model, batch, margin: float = 0.0):
+    idx, mask = batch
+    r = model(idx, mask)
+    n = idx.size(0) // 2
+    return bt_loss(r[:n], r[n:], margin).sum()
+
+
+def count_pairs(batch) -> int:
+    return batch[0].size(0) // 2
+
+
+@torch.no_grad()
+def pairwise_accuracy(model, pairs, pad_id: int, rt, batch_size: int = 64) -> tuple[float, float]:
+    """(fraction of pairs with r_chosen > r_rejected, mean Bradley-Terry loss)."""
+    model.eval()
+    right, loss = 0, 0.0
+    for i in range(0, len(pairs), batch_size):
+        idx, mask = pair_batch(pairs[i: i + batch_size], pad_id, rt.device)
+        with rt.autocast():
+            r = model(idx, mask)
+        n = idx.size(0) // 2
+        right += int((r[:n] > r[n:]).sum())
+        loss += bt_loss(r[:n], r[n:]).sum().item()
+    model.train()
+    return right / len(pairs), loss / len(pairs)
+
+
+@torch.no_grad()
+def score_texts(model, tokenizer, prompts: list[str], responses: list[str], device="cpu", batch_size: int = 64):
+    """Raw rewards of (prompt, response) pairs; an empty response is scored on the prompt alone."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        seqs = [(tokenizer.encode(p) + tokenizer.encode(r))[: model.config.block_size]
+                for p, r in zip(prompts[i: i + batch_size], responses[i: i + batch_size], strict=True)]
+        out += model(*right_pad(seqs, tokenizer.eot_token, device)).tolist()
+    return out
+
+
+def rank_correlation(a, b) -> float:
+    """Spearman's rho: Pearson's correlation of the ranks, ties given their average rank (Spearman 1904)."""
+    def ranks(x):
+        x = np.asarray(x, dtype=float)
+        order = np.argsort(x, kind="stable")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x), dtype=float)
+        for v in np.unique(x):  # ties share the mean of their ranks
+            r[x == v] = r[x == v].mean()
+        return r
+    ra, rb = ranks(a), ranks(b)
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Subcommands
+
+
+def make_pairs(args: PairsArgs) -> dict:
+    """Sample responses of the SFT policy, label best vs worst of each prompt's samples by the gold judge."""
+    rt = setup_runtime(args.device, "float32")
+    policy, tokenizer = load_policy(args.policy)
+    policy.to(rt.device)
+    rng = random.Random(args.seed)
+    stats = {}
+    for split, n in (("train", args.n_train_prompts), ("test", args.n_test_prompts)):
+        prompts = [r["prompt"] for r in make_instructions(n, split, args.seed + 1)]  # not SFT's draw of prompts
+        k = args.samples_per_prompt
+        g = seeded(args.seed, 99, 0 if split == "train" else 1, device=rt.device)
+        t0 = time.perf_counter()
+        texts, _, _ = generate_responses(policy, tokenizer, [p for p in prompts for _ in range(k)],
+                                         args.max_new_tokens, args.temperature, None, g, args.batch_size, rt.device)
+        rows, ties, flipped = [], 0, 0
+        for i, prompt in enumerate(prompts):
+            cands = [t for t in texts[i * k: (i + 1) * k] if t.strip()] or texts[i * k: (i + 1) * k]
+            scored = sorted(((gold_reward(prompt, t), t) for t in cands), key=lambda s: s[0])
+            (lo, worst), (hi, best) = scored[0], scored[-1]
+            if hi - lo < 1e-6 or not worst.strip() or not best.strip():
+                ties += 1  # nothing to prefer (or an empty response, which a pair file may not hold)
+                continue
+            if rng.random() < args.label_noise:
+                (hi, best), (lo, worst), flipped = (lo, worst), (hi, best), flipped + 1
+            rows.append({"prompt": prompt, "chosen": best, "rejected": worst, "chosen_gold": hi, "rejected_gold": lo})
+        path = Path(args.out_dir) / f"pairs_{split}.jsonl"
+        write_jsonl(path, rows)
+        stats[split] = {"pairs": len(rows), "ties_skipped": ties, "flipped": flipped, "path": str(path)}
+        print(f"{split}: {len(prompts) * k:,} samples in {time.perf_counter() - t0:.0f}s -> {len(rows):,} pairs "
+              f"({ties} prompts skipped: all samples tie; {flipped} labels flipped) -> {path}")
+    return stats
+
+
+def load_pair_data(args: TrainArgs) -> tuple[list[dict], list[dict], str]:
+    if args.dataset:
+        from alignment_task import load_hub_pairs
+
+        return load_hub_pairs(args.dataset, "train"), load_hub_pairs(args.dataset, "test"), args.dataset
+    return read_pairs(args.pairs_train), read_pairs(args.pairs_test), args.pairs_train
+
+
+def train(args: TrainArgs) -> dict:
+    # --- devices, processes, run directory ---
+    rt = setup_runtime(args.device, args.dtype)
+    run_dir = Path(args.output_dir) / args.run_name
+
+    # --- model: the SFT policy's backbone and a new scalar head ---
+    policy, tokenizer = load_policy(args.init_from, args.dropout)
+    torch.manual_seed(args.seed)
+    model = RewardModel(policy.config)
+    model.gpt.load_state_dict(policy.state_dict())
+    model.pad_token_id = tokenizer.eot_token
+    model.to(rt.device)
+    block, pad = model.config.block_size, tokenizer.eot_token
+
+    # --- data ---
+    train_pairs, test_pairs, source = load_pair_data(args)
+    train_data = encode_pairs(tokenizer, train_pairs, block, source)
+    test_data = encode_pairs(tokenizer, test_pairs, block, source + " (held out)")
+
+    optimizer = configure_optimizer(model, args.learning_rate, args.weight_decay, (args.beta1, args.beta2),
+                                    rt.device.type)
+    start = 0
+    if args.resume:
+        start = load_checkpoint(run_dir, model, optimizer)["step"]
+        if rt.master:
+            print(f"resumed {run_dir} at step {start}")
+    raw_model = model
+    if args.compile:
+        model = torch.compile(model)
+    if rt.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda"
+                                                    else None)
+    meta = {"tokenizer": tokenizer.spec(), "args": asdict(args), "source": source}
+    if rt.master:
+        print(f"{raw_model.gpt.num_params() / 1e6:.2f}M parameters, {len(train_data):,} train / {len(test_data):,} "
+              f"held-out pairs from {source}, device {rt.device} ({rt.dtype})")
+
+    logger = Logger(args, rt.master)
+    history = {"train_loss": {}, "heldout_accuracy": {}, "heldout_loss": {}}
+
+    def evaluate(step: int):
+        acc, loss = pairwise_accuracy(raw_model, test_data, pad, rt)
+        history["heldout_accuracy"][step], history["heldout_loss"][step] = acc, loss
+        logger.log({"eval/accuracy": acc, "eval/loss": loss}, step)
+
+    if rt.master and start == 0:
+        evaluate(0)
+
+    # --- training: Bradley-Terry on pairs, normalised per pair over the whole step ---
+    loss_fn = partial(pair_loss_sum, margin=args.margin)
+    bar = tqdm(range(start, args.max_iters), initial=start, total=args.max_iters, dynamic_ncols=True,
+               disable=None if rt.master else True)
+    t0 = time.perf_counter()
+    for step in bar:
+        torch.manual_seed(derived_seed(args.seed, rt.rank, step))  # dropout masks
+        lr = lr_at(step, args.learning_rate, args.min_lr, args.warmup_iters, args.max_iters)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        g = seeded(args.seed, rt.rank, step)  # this step's pairs: a function of (seed, rank, step)
+        batches = [pair_batch([train_data[i] for i in torch.randint(len(train_data), (args.batch_size,),
+                                                                     generator=g).tolist()], pad, rt.device)
+                   for _ in range(args.grad_accum_steps)]
+        loss, grad_norm = train_step(model, optimizer, batches, rt, args.grad_clip, loss_fn, count_pairs)
+        history["train_loss"][step + 1] = loss
+        _sync(rt.device)
+        dt, t0 = time.perf_counter() - t0, time.perf_counter()
+        bar.set_postfix(loss=f"{loss:.4f}")
+        logger.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                    "perf/pairs_per_s": args.batch_size * args.grad_accum_steps * rt.world_size / dt},
+                   step + 1, line=(step + 1) % args.log_interval == 0)
+        if (step + 1) % args.eval_interval == 0 or step + 1 == args.max_iters:
+            if rt.master:
+                evaluate(step + 1)
+                save_checkpoint(run_dir, raw_model, optimizer, step + 1, meta)
+            t0 = time.perf_counter()
+
+    # --- normalisation and agreement with the gold judge, on fresh samples of the SFT policy ---
+    results = {**history, "run_dir": run_dir}
+    if rt.master:
+        policy.to(rt.device)
+        prompts = [r["prompt"] for r in make_instructions(args.n_judge_prompts, "test", args.seed + 2)]
+        prompts = [p for p in prompts for _ in range(2)]
+        texts, _, _ = generate_responses(policy, tokenizer, prompts, args.max_new_tokens, args.temperature, None,
+                                         seeded(args.seed, 98, device=rt.device), device=rt.device)
+        raw_model.eval()
+        scores = np.array(score_texts(raw_model, tokenizer, prompts, texts, rt.device))
+        gold = np.array([gold_reward(p, t) for p, t in zip(prompts, texts, strict=True)])
+        raw_model.reward_mean, raw_model.reward_std = float(scores.mean()), float(scores.std() + 1e-8)
+        a, b = slice(0, None, 2), slice(1, None, 2)
+        differ = np.abs(gold[a] - gold[b]) > 1e-6
+        agree = float(np.mean((scores[a] > scores[b])[differ] == (gold[a] > gold[b])[differ]))
+        rho = rank_correlation(scores, gold)
+        results.update(judge_pairwise_accuracy=agree, judge_spearman=rho, judge_pairs=int(differ.sum()),
+                       reward_mean=raw_model.reward_mean, reward_std=raw_model.reward_std,
+                       heldout_accuracy_final=history["heldout_accuracy"][max(history["heldout_accuracy"])])
+        logger.log({"eval/judge_pairwise_accuracy": agree, "eval/judge_spearman": rho}, args.max_iters)
+        save_checkpoint(run_dir, raw_model, optimizer, args.max_iters, meta)  # now with the normalisation constants
+        (run_dir / "latest" / "results.json").write_text(json.dumps(
+            {k: v for k, v in results.items() if k != "run_dir"}, indent=2))
+        print(f"held-out pairwise accuracy {results['heldout_accuracy_final']:.3f}; agreement with the gold judge on "
+              f"{differ.sum()} fresh sample pairs: {agree:.3f}, Spearman {rho:.3f} over {len(texts)} samples; "
+              f"normalisation mean {raw_model.reward_mean:+.3f} std {raw_model.reward_std:.3f}; model in "
+              f"{run_dir / 'latest'}")
+    logger.finish()
+    if rt.world_size > 1:
+        dist.destroy_process_group()
+    return results
+
+
+def score(args: ScoreArgs) -> float:
+    rt = setup_runtime(args.device, "float32")
+    model, tokenizer = load_reward_model(args.model)
+    model.to(rt.device).eval()
+    prompt = args.prompt if "\n\nAssistant:" in args.prompt else format_prompt(args.prompt)
+    raw = score_texts(model, tokenizer, [prompt], [args.response], rt.device)[0]
+    norm = (raw - model.reward_mean) / model.reward_std
+    print(f"reward {norm:+.4f} (raw {raw:+.4f}; gold judge {gold_reward(prompt, args.response):+.4f})")
+    return norm
+
+
+COMMANDS = {PairsArgs: make_pairs, TrainArgs: train, ScoreArgs: score}
+
+if __name__ == "__main__":
+    args = tyro.cli(Annotated[PairsArgs, tyro.conf.subcommand("pairs")]
+                    | Annotated[TrainArgs, tyro.conf.subcommand("train")]
+                    | Annotated[ScoreArgs, tyro.conf.subcommand("score")])
+    try:
+        COMMANDS[type(args)](args)
+    except (InputError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
