@@ -6,11 +6,63 @@ implementation details of OpenAI's lm-human-preferences catalogued by Huang et a
 Details of RLHF with PPO"). The optimiser is PPO (Schulman et al. 2017, "Proximal Policy Optimization Algorithms")
 with generalised advantage estimation (Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized
 Advantage Estimation").
+
+Four actors: the policy (the SFT model, trained here) with a value head on its transformer (or a separate critic),
+the reference (a frozen copy of the SFT model), and the frozen reward model. Each step:
+  1. rollouts: sample a batch of training prompts, left-pad them, and let the policy answer them with minigpt's
+     batched KV-cached `generate` at temperature T, each response cut at its end-of-text token;
+  2. reward: the reward model's (normalised) score of each response at its last token, minus a penalty if it never
+     ended, minus beta times the per-token KL to the reference at every token (Ziegler et al. 2019, eq. 2);
+     beta fixed, or steered towards a target KL by the adaptive controller of Ziegler et al.;
+  3. advantages by GAE over response tokens only, whitened over the batch;
+  4. several epochs of PPO over minibatches: clipped policy loss + vf_coef * clipped value loss.
+Because the task's gold judge is known (alignment_task.gold_reward), every step also logs the gold reward of the
+samples: the true reward gained, and the KL paid for it. The same metrics on a fixed set of held-out prompts with
+greedy decoding are logged every eval interval.
+
+Pieces, top to bottom: masking helpers, the KL estimator and controllers, the per-token rewards, `compute_gae`,
+`policy_loss`, `value_loss`, the actors' forward pass, rollouts, evaluation, then `main`.
+
+Run it (after sft.py and reward_model.py have written runs/sft/ and runs/reward_model/):
+    python ppo_rlhf.py                          # the default run on CPU: ~N min on 2 CPU cores
+    python ppo_rlhf.py --resume                 # continue runs/ppo exactly where it stopped
+    python ppo_rlhf.py --kl-target 3            # the adaptive KL controller instead of a fixed beta
+    python ppo_rlhf.py --kl-coef 0.01 --total-steps 400 --run-name ppo-overopt   # reward-model over-optimisation
+    python ppo_rlhf.py --critic separate        # a separate critic initialised from the reward model
+    python ppo_rlhf.py --policy gpt2 --reward-model runs/reward_model-gpt2/latest --dataset Anthropic/hh-rlhf
+                                                # with a hub: a GPT-2 policy, prompts of an hh-rlhf layout data set
+The last checkpoint is the trained policy, a Hugging Face model directory: `minigpt.load_pretrained("runs/ppo/latest")`
+or `GPT2LMHeadModel.from_pretrained("runs/ppo/latest")`; runs/ppo/history.json holds every logged metric.
 """
 
-from dataclasses import dataclass
+import copy
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
+import torch.nn as nn
+import tyro
+from tqdm.auto import tqdm
+
+import alignment_task as task
+from minigpt import (
+    InputError,
+    Logger,
+    Runtime,
+    configure_optimizer,
+    derived_seed,
+    load_checkpoint,
+    load_pretrained,
+    lr_at,
+    save_checkpoint,
+    seeded,
+    setup_runtime,
+)
+from reward_model import load_reward_model
 
 
 @dataclass
@@ -18,6 +70,95 @@ class Args:
     # --- common to every script ---
     seed: int = 1337
     """random seed; every random choice of a run is a function of (seed, rank, step)"""
+    device: str = "auto"
+    """'auto' (cuda, then mps, then cpu), or a torch device such as 'cpu', 'cuda', 'cuda:1'"""
+    dtype: str = "auto"
+    """'auto' (bfloat16 autocast on CUDA where supported, else float32), 'bfloat16' or 'float32'"""
+    compile: bool = False
+    """compile the policy's forward pass with torch.compile (rollout generation stays eager)"""
+    track: bool = False
+    """log metrics to Weights & Biases (WANDB_MODE=offline works without a network)"""
+    wandb_project: str = "minillm"
+    """Weights & Biases project"""
+    run_name: str = "ppo"
+    """name of the run: checkpoints go to <output-dir>/<run-name>/"""
+    output_dir: str = "runs"
+    """directory that holds the runs"""
+    resume: bool = False
+    """continue the run in <output-dir>/<run-name>/ from its latest checkpoint"""
+    # --- actors ---
+    policy: str = "runs/sft/latest"
+    """the SFT policy, also the frozen reference: a checkpoint directory of sft.py, or a Hugging Face GPT-2 (a hub
+    name such as 'gpt2', or a local directory)"""
+    reward_model: str = "runs/reward_model/latest"
+    """the reward model: a checkpoint directory of reward_model.py (same tokenizer as the policy)"""
+    critic: str = "head"
+    """'head': a value head on the policy's transformer (lm-human-preferences); 'separate': a critic of its own,
+    initialised from the reward model (Ouyang et al. 2022, sec. 3.5)"""
+    # --- prompts ---
+    dataset: str | None = None
+    """a Hugging Face data set in the Anthropic/hh-rlhf layout to take prompts from (needs the hub); default: the
+    offline alignment task's instructions"""
+    n_train_prompts: int = 4000
+    """training prompts (alignment task, train split)"""
+    n_eval_prompts: int = 64
+    """fixed held-out prompts (alignment task, test split) answered greedily at each evaluation"""
+    # --- rollouts and reward ---
+    total_steps: int = 60
+    """PPO steps; each samples batch_size responses and trains on them"""
+    batch_size: int = 64
+    """rollouts (prompt, response) per step"""
+    max_new_tokens: int = 64
+    """longest response in tokens; a response that has not ended by then is cut and penalised"""
+    temperature: float = 1.0
+    """sampling temperature of the rollouts; log-probabilities are computed from the same logits / temperature
+    (Huang et al. 2022)"""
+    no_eot_penalty: float = 1.0
+    """subtracted from the reward-model score of a response with no end-of-text token"""
+    kl_coef: float = 0.05
+    """beta, the weight of the KL penalty (the initial value with --kl-target)"""
+    kl_target: float | None = None
+    """adapt beta to keep the KL per response near this many nats (Ziegler et al. 2019); None: fixed beta"""
+    kl_horizon: int = 10000
+    """horizon of the adaptive KL controller, in episodes (Ziegler et al. 2019 used 10,000)"""
+    kl_estimator: str = "k1"
+    """per-token KL estimator in the reward: 'k1' (log pi - log pi_ref, as in Ziegler et al.) or 'k3'"""
+    # --- PPO ---
+    ppo_epochs: int = 4
+    """passes over each rollout batch"""
+    minibatch_size: int = 16
+    """rollouts per optimizer step (divides batch_size)"""
+    learning_rate: float = 3e-5
+    """peak learning rate"""
+    min_lr: float = 3e-6
+    """learning rate at the end of the cosine decay"""
+    warmup_steps: int = 0
+    """PPO steps of linear warmup"""
+    weight_decay: float = 0.0
+    """AdamW weight decay, matrices only"""
+    beta1: float = 0.9
+    """AdamW beta1"""
+    beta2: float = 0.95
+    """AdamW beta2"""
+    grad_clip: float = 1.0
+    """clip the global gradient norm to this (0: no clipping)"""
+    gamma: float = 1.0
+    """discount of GAE (lm-human-preferences: 1)"""
+    lam: float = 0.95
+    """lambda of GAE (lm-human-preferences: 0.95)"""
+    clip_range: float = 0.2
+    """epsilon of PPO's clipped ratio"""
+    clip_range_value: float = 0.2
+    """how far a value prediction may move from the rollout's before its loss is clipped"""
+    vf_coef: float = 0.1
+    """weight of the value loss (lm-human-preferences: 0.1)"""
+    # --- evaluation, logging, checkpoints ---
+    eval_interval: int = 10
+    """evaluate on the held-out prompts and checkpoint every this many steps"""
+    log_interval: int = 1
+    """steps between log lines"""
+    n_samples_shown: int = 2
+    """held-out prompts whose greedy responses are printed at each evaluation"""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -180,3 +321,334 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     """1 - Var(R - V) / Var(R) over response tokens: 1 is a perfect value function, 0 no better than a constant."""
     var_returns = masked_var(returns, mask)
     return float(1 - masked_var(returns - values, mask) / var_returns) if var_returns > 0 else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The actors
+
+
+class ValueHead(nn.Module):
+    """V(s_t) from the hidden state of the last token of s_t: one linear layer, initialised like the scalar heads of
+    lm-human-preferences (weights N(0, 1 / sqrt(n_embd + 1)), bias 0; Huang et al. 2022)."""
+
+    def __init__(self, n_embd: int):
+        super().__init__()
+        self.linear = nn.Linear(n_embd, 1)
+        nn.init.normal_(self.linear.weight, std=1 / (n_embd + 1) ** 0.5)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, h):  # (B, R, C) -> (B, R)
+        return self.linear(h).squeeze(-1)
+
+
+class ActorCritic(nn.Module):
+    """The trained modules in one place (one optimizer, one state dict): the policy, its value head, and with
+    critic='separate' a transformer of the critic's own, else the value head reads the policy's hidden states."""
+
+    def __init__(self, policy, value_head: ValueHead, critic=None):
+        super().__init__()
+        self.policy, self.value_head, self.critic = policy, value_head, critic
+
+    def forward(self, idx, attention_mask, n_prompt: int, temperature: float):
+        """Per response token of idx (B, P + R) (prompts left-padded to P, responses after them): log-probability of
+        the token, its value V(s_t), the entropy of the policy at s_t, each (B, R); and log pi(.|s_t) (B, R, vocab)."""
+        logp, h = response_logits(self.policy, idx, attention_mask, n_prompt, temperature)
+        if self.critic is not None:
+            h = self.critic.hidden_states(idx, attention_mask)[:, n_prompt - 1:-1]
+        token_logp = logp.gather(-1, idx[:, n_prompt:, None]).squeeze(-1)
+        return token_logp, self.value_head(h).float(), -(logp.exp() * logp).sum(-1), logp
+
+
+def response_logits(model, idx, attention_mask, n_prompt: int, temperature: float):
+    """log pi(.|s_t) (B, R, vocab) at the state before each of the R response tokens of idx (B, P + R), and the
+    hidden states of those states (B, R, C). The logits at position t predict token t + 1, so these states are
+    positions P-1 .. P+R-2. Logits are divided by the sampling temperature: these are the probabilities the rollout
+    sampled from (Huang et al. 2022)."""
+    h = model.hidden_states(idx, attention_mask)[:, n_prompt - 1:-1]  # (B, R, C)
+    return (model.lm_head(h).float() / temperature).log_softmax(-1), h
+
+
+def encode_prompts(tokenizer, prompts: list[str], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids (B, P) and their attention mask (B, P): every response starts at column P."""
+    ids = [tokenizer.encode(p) for p in prompts]
+    P = max(map(len, ids))
+    idx = torch.tensor([[pad_id] * (P - len(x)) + x for x in ids], device=device)
+    mask = torch.tensor([[0] * (P - len(x)) + [1] * len(x) for x in ids], device=device)
+    return idx, mask
+
+
+def decode_responses(tokenizer, response: torch.Tensor, mask: torch.Tensor, eot: int) -> list[str]:
+    """The text of each response, without its end-of-text token and the padding after it."""
+    return [tokenizer.decode([t for t, m in zip(row, keep, strict=True) if m and t != eot])
+            for row, keep in zip(response.tolist(), mask.bool().tolist(), strict=True)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rollouts and evaluation
+
+
+@torch.no_grad()
+def rollout(ac: ActorCritic, reference, reward_model, tokenizer, prompts: list[str], args: Args, rt: Runtime,
+            beta: float, generator=None, greedy: bool = False) -> dict:
+    """Answer prompts with the policy and score the answers: every tensor PPO needs, and the metrics of the batch.
+
+    Sampling at args.temperature (greedy: temperature 0, for evaluation). The KL of the rewards is the per-token
+    estimator args.kl_estimator; `kl_exact` is the exact KL(pi(.|s_t) || pi_ref(.|s_t)) at every visited state,
+    summed over the response: with greedy decoding the sampled estimators do not estimate the KL."""
+    eot = tokenizer.eot_token
+    ac.eval()
+    prompt_idx, prompt_mask = encode_prompts(tokenizer, prompts, eot, rt.device)
+    P = prompt_idx.size(1)
+    with rt.autocast():
+        seq = ac.policy.generate(prompt_idx, args.max_new_tokens, 0.0 if greedy else args.temperature,
+                                 eos_token_id=eot, attention_mask=prompt_mask, generator=generator)
+    response = seq[:, P:]  # (B, R): after a row's first end token, generate pads it with more end tokens
+    mask = response_mask(response, eot)
+    attention_mask = torch.cat([prompt_mask, torch.ones_like(response)], dim=1)
+    temperature = 1.0 if greedy else args.temperature
+    out = {k: [] for k in ("logprobs", "values", "entropy", "ref_logprobs", "kl_exact")}
+    for rows in torch.arange(len(prompts)).split(args.minibatch_size):  # forward passes in minibatches: memory
+        x, am = seq[rows], attention_mask[rows]
+        with rt.autocast():
+            logprobs, values, entropy, logp = ac(x, am, P, temperature)
+            ref_logp = response_logits(reference, x, am, P, temperature)[0]
+        out["ref_logprobs"].append(ref_logp.gather(-1, x[:, P:, None]).squeeze(-1))
+        # KL(pi(.|s_t) || pi_ref(.|s_t)) = sum_a pi(a|s_t) (log pi(a|s_t) - log pi_ref(a|s_t)), exactly
+        out["kl_exact"].append((logp.exp() * (logp - ref_logp)).sum(-1))
+        for k, v in (("logprobs", logprobs), ("values", values), ("entropy", entropy)):
+            out[k].append(v)
+    out = {k: torch.cat(v) if v else None for k, v in out.items()}
+
+    # reward: the reward-model score at the last response token, minus beta * KL at every token
+    ended = (response == eot).any(1)
+    # the reward model reads the last non-padding token; its inputs are prompt + response without the end token
+    # (reward_model.encode_sequence), so the end token is padding for it (an empty response: the prompt alone)
+    rm_mask = torch.cat([prompt_mask, (mask.bool() & (response != eot)).long()], dim=1)
+    with rt.autocast():
+        scores = reward_model.normalized(seq, rm_mask).float()
+    penalised = scores - args.no_eot_penalty * (~ended).float()
+    kl = kl_penalty(out["logprobs"], out["ref_logprobs"], args.kl_estimator) * mask
+    rewards = rlhf_rewards(penalised, kl, mask, beta)
+    texts = decode_responses(tokenizer, response, mask, eot)
+    gold = torch.tensor(task.gold_rewards(prompts, texts))
+    lengths = mask.sum(1) - ended.float()  # tokens before the end token, as sft.evaluate_policy counts them
+    kl_exact = (out["kl_exact"] * mask).sum(1)
+    seq_kl = kl_exact if greedy else kl.sum(1)
+    metrics = {"rm_score": scores.mean().item(), "gold_reward": gold.mean().item(), "kl": seq_kl.mean().item(),
+               "rlhf_reward": (penalised - beta * seq_kl).mean().item(),  # = rewards.sum(1) for sampled responses
+               "entropy": masked_mean(out["entropy"], mask).item(), "response_length": lengths.mean().item(),
+               "no_eot_frac": 1 - ended.float().mean().item()}
+    if not greedy:
+        metrics["kl_exact"] = kl_exact.mean().item()
+    return {"seq": seq, "attention_mask": attention_mask, "n_prompt": P, "mask": mask, "rewards": rewards,
+            "logprobs": out["logprobs"], "values": out["values"], "texts": texts, "scores": scores, "gold": gold,
+            "metrics": metrics}
+
+
+def ppo_loss(ac: ActorCritic, mb: dict, args: Args, rt: Runtime) -> tuple[torch.Tensor, dict]:
+    """The PPO loss of one minibatch of rollouts (Schulman et al. 2017, eq. 9, without the entropy bonus):
+    clipped policy loss + vf_coef * clipped value loss, both averaged over response tokens only.
+    mb: seq and attention_mask (B, P + R), n_prompt P; mask, logprobs, values, advantages, returns (B, R)."""
+    with rt.autocast():
+        logprobs, values, _, _ = ac(mb["seq"], mb["attention_mask"], mb["n_prompt"], args.temperature)
+    pg, pg_stats = policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], args.clip_range)
+    vf, vf_stats = value_loss(values, mb["values"], mb["returns"], mb["mask"], args.clip_range_value)
+    return pg + args.vf_coef * vf, {"pg_loss": pg.item(), "vf_loss": vf.item(), **pg_stats, **vf_stats}
+
+
+def ppo_update(ac: ActorCritic, optimizer, batch: dict, args: Args, rt: Runtime, step: int) -> dict:
+    """Several epochs of PPO over shuffled minibatches of one rollout batch; returns the mean of each statistic."""
+    mask = batch["mask"]
+    advantages, returns = compute_gae(batch["rewards"], batch["values"], mask, args.gamma, args.lam)
+    advantages = whiten(advantages, mask)  # over the whole rollout batch, before the minibatches
+    data = {"seq": batch["seq"], "attention_mask": batch["attention_mask"], "mask": mask,
+            "logprobs": batch["logprobs"], "values": batch["values"], "advantages": advantages, "returns": returns}
+    stats = {"explained_variance": explained_variance(batch["values"], returns, mask)}
+    history = []
+    ac.eval()  # dropout stays off: the ratio must compare the same function (Huang et al. 2022, "disable dropout")
+    for epoch in range(args.ppo_epochs):
+        order = torch.randperm(mask.size(0), generator=seeded(args.seed, rt.rank, step, 2, epoch))
+        for rows in order.split(args.minibatch_size):
+            mb = {k: v[rows] for k, v in data.items()} | {"n_prompt": batch["n_prompt"]}
+            loss, mb_stats = ppo_loss(ac, mb, args, rt)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(ac.parameters(), args.grad_clip if args.grad_clip > 0 else
+                                                 float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            history.append(mb_stats | {"grad_norm": grad_norm.item()})
+    return stats | {k: sum(h[k] for h in history) / len(history) for k in history[0]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoint state
+
+
+class TrainState:
+    """What a checkpoint holds besides the policy's weights, as one state dict for minigpt.save_checkpoint's
+    train_state.pt: the optimizer, the value head (and the separate critic), the KL coefficient."""
+
+    def __init__(self, optimizer, ac: ActorCritic, kl_ctl: FixedKLController):
+        self.optimizer, self.ac, self.kl_ctl = optimizer, ac, kl_ctl
+
+    def state_dict(self) -> dict:
+        critic = self.ac.critic.state_dict() if self.ac.critic is not None else {}
+        return {"optimizer": self.optimizer.state_dict(), "value_head": self.ac.value_head.state_dict(),
+                "critic": critic, "kl_ctl": self.kl_ctl.state_dict()}
+
+    def load_state_dict(self, state: dict):
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.ac.value_head.load_state_dict(state["value_head"])
+        if self.ac.critic is not None:
+            self.ac.critic.load_state_dict(state["critic"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_prompts(args: Args) -> tuple[list[str], list[str]]:
+    """(training prompts, held-out evaluation prompts): the alignment task's, or a hub data set's."""
+    if args.dataset:
+        train = [p["prompt"] for p in task.load_hub_pairs(args.dataset, "train")][:args.n_train_prompts]
+        test = [p["prompt"] for p in task.load_hub_pairs(args.dataset, "test")][:args.n_eval_prompts]
+        return train, test
+    return ([r["prompt"] for r in task.make_instructions(args.n_train_prompts, "train", seed=args.seed)],
+            [r["prompt"] for r in task.make_instructions(args.n_eval_prompts, "test", seed=0)])
+
+
+def check_args(args: Args):
+    if args.batch_size % args.minibatch_size:
+        raise InputError(f"--minibatch-size {args.minibatch_size} does not divide --batch-size {args.batch_size}")
+    if args.temperature <= 0:
+        raise InputError(f"--temperature {args.temperature}: PPO samples its rollouts, expected > 0")
+    if args.critic not in ("head", "separate"):
+        raise InputError(f"--critic {args.critic!r}: expected 'head' or 'separate'")
+    if args.kl_estimator not in ("k1", "k3"):
+        raise InputError(f"--kl-estimator {args.kl_estimator!r}: expected 'k1' or 'k3'")
+    if args.kl_target is not None and args.kl_target <= 0:
+        raise InputError(f"--kl-target {args.kl_target}: expected a positive number of nats")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise InputError("ppo_rlhf.py runs in one process; start it with python, not torchrun")
+
+
+def main(args: Args) -> dict:
+    check_args(args)
+    # --- devices, run directory ---
+    rt = setup_runtime(args.device, args.dtype)
+    run_dir = Path(args.output_dir) / args.run_name
+
+    # --- actors: policy and reference from the SFT model, the frozen reward model ---
+    torch.manual_seed(args.seed)  # the value head's initial weights
+    policy, tokenizer = load_pretrained(args.policy, dropout=0.0)  # no dropout in RL (Huang et al. 2022)
+    if tokenizer.eot_token is None:
+        raise InputError(f"--policy {args.policy}: its tokenizer has no end-of-text token, so responses cannot end; "
+                         "train the policy with sft.py")
+    reward_model, rm_tokenizer = load_reward_model(args.reward_model)
+    if rm_tokenizer.spec() != tokenizer.spec():
+        raise InputError(f"--reward-model {args.reward_model}: its tokenizer ({rm_tokenizer.spec()['name']}) is not "
+                         f"the policy's ({tokenizer.spec()['name']}); both must read the same token ids")
+    reference = copy.deepcopy(policy).requires_grad_(False).eval()
+    reward_model.requires_grad_(False).eval()
+    critic, value_head = None, ValueHead(policy.config.n_embd)
+    if args.critic == "separate":  # Ouyang et al. 2022, sec. 3.5: "we initialize the value function from the RM"
+        critic = copy.deepcopy(reward_model.gpt).requires_grad_(True)
+        value_head.linear.weight.data.copy_(reward_model.score.weight.data)
+    ac = ActorCritic(policy, value_head, critic).to(rt.device)
+    reference.to(rt.device)
+    reward_model.to(rt.device)
+    optimizer = configure_optimizer(ac, args.learning_rate, args.weight_decay, (args.beta1, args.beta2),
+                                    rt.device.type)
+    kl_ctl = (AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon) if args.kl_target is not None
+              else FixedKLController(args.kl_coef))
+    state = TrainState(optimizer, ac, kl_ctl)
+
+    # --- prompts ---
+    train_prompts, eval_prompts = load_prompts(args)
+    limit = policy.config.block_size - args.max_new_tokens
+    for name, prompts in (("training", train_prompts), ("evaluation", eval_prompts)):
+        for i, p in enumerate(prompts):
+            if len(tokenizer.encode(p)) > limit:
+                raise InputError(f"{name} prompt {i} has {len(tokenizer.encode(p))} tokens; with --max-new-tokens "
+                                 f"{args.max_new_tokens} it does not fit the policy's context "
+                                 f"({policy.config.block_size}): {p[:60]!r}")
+    if not train_prompts or not eval_prompts:
+        raise InputError("no prompts: --n-train-prompts and --n-eval-prompts must be at least 1")
+
+    # --- resume ---
+    start, history = 0, {"train": [], "eval": []}
+    if args.resume:
+        meta = load_checkpoint(run_dir, policy, state)
+        start, history = meta["step"], meta["history"]
+        print(f"resumed {run_dir} at step {start}")
+    if args.compile:
+        ac.forward = torch.compile(ac.forward)
+    meta = {"tokenizer": tokenizer.spec(), "args": asdict(args), "policy": args.policy,
+            "reward_model": args.reward_model}
+    logger = Logger(args, master=True)
+
+    def evaluate(step: int) -> dict:
+        ev = rollout(ac, reference, reward_model, tokenizer, eval_prompts, args, rt, kl_ctl.value, greedy=True)
+        metrics = {f"eval/{k}": v for k, v in ev["metrics"].items()}
+        history["eval"].append({"step": step, **metrics})
+        logger.log(metrics, step)
+        for i in range(min(args.n_samples_shown, len(eval_prompts))):
+            tqdm.write(f"  {eval_prompts[i].strip()!r} -> {ev['texts'][i]!r} "
+                       f"(rm {ev['scores'][i]:+.2f}, gold {ev['gold'][i]:+.2f})")
+        return metrics
+
+    def checkpoint(step: int):
+        save_checkpoint(run_dir, policy, state, step, {**meta, "history": history})
+        tmp = run_dir / ".history.json.tmp"
+        tmp.write_text(json.dumps(history, indent=1))
+        os.replace(tmp, run_dir / "history.json")
+
+    print(f"policy {args.policy}: {policy.num_params() / 1e6:.2f}M parameters; reward model {args.reward_model}; "
+          f"critic: {args.critic}; {len(train_prompts)} training / {len(eval_prompts)} held-out prompts; "
+          f"device {rt.device} ({rt.dtype})")
+    if start == 0:
+        evaluate(0)
+
+    # --- training: rollouts, rewards, PPO ---
+    bar = tqdm(range(start, args.total_steps), initial=start, total=args.total_steps, dynamic_ncols=True,
+               disable=None)  # None: a bar on a terminal only
+    for step in bar:
+        t0 = time.perf_counter()
+        torch.manual_seed(derived_seed(args.seed, rt.rank, step))
+        lr = lr_at(step, args.learning_rate, args.min_lr, args.warmup_steps, args.total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        g = seeded(args.seed, rt.rank, step)  # this step's prompts and samples: a function of (seed, rank, step)
+        rows = torch.randint(len(train_prompts), (args.batch_size,), generator=g).tolist()
+        prompts = [train_prompts[i] for i in rows]
+        batch = rollout(ac, reference, reward_model, tokenizer, prompts, args, rt, kl_ctl.value,
+                        generator=seeded(args.seed, rt.rank, step, 1, device=rt.device))
+        t1 = time.perf_counter()
+        stats = ppo_update(ac, optimizer, batch, args, rt, step)
+        beta = kl_ctl.value
+        kl_ctl.update(batch["metrics"]["kl"], args.batch_size)  # Ziegler et al.: after each batch of episodes
+        t2 = time.perf_counter()
+        metrics = {f"train/{k}": v for k, v in (batch["metrics"] | stats).items()}
+        metrics |= {"train/beta": beta, "train/lr": lr, "perf/rollout_s": t1 - t0, "perf/update_s": t2 - t1}
+        history["train"].append({"step": step + 1, **metrics})
+        bar.set_postfix(rm=f"{metrics['train/rm_score']:.3f}", gold=f"{metrics['train/gold_reward']:.3f}",
+                        kl=f"{metrics['train/kl']:.2f}")
+        logger.log(metrics, step + 1, line=(step + 1) % args.log_interval == 0)
+        if (step + 1) % args.eval_interval == 0 or step + 1 == args.total_steps:
+            evaluate(step + 1)
+            checkpoint(step + 1)
+
+    first, last = history["eval"][0], history["eval"][-1]
+    print(" | ".join(f"{k[5:]} {first[k]:.3f} -> {last[k]:.3f}" for k in ("eval/rm_score", "eval/gold_reward",
+                                                                          "eval/kl", "eval/response_length"))
+          + f"; policy in {run_dir / 'latest'}")
+    logger.finish()
+    return {"history": history, "initial_eval": first, "final_eval": last, "run_dir": run_dir,
+            "tokenizer": tokenizer}
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except (InputError, FileNotFoundError) as e:  # bad input: one line, no traceback
+        sys.exit(f"error: {e}")

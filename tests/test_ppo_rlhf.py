@@ -1,11 +1,14 @@
 """ppo_rlhf.py against brute-force loops, hand computations and the papers' formulas; tiny PPO runs end to end."""
 
+import copy
 import math
 
 import pytest
 import torch
 
+import alignment_task as task
 import ppo_rlhf as P
+from minigpt import GPT, CharTokenizer, GPTConfig, setup_runtime
 
 # ---------------------------------------------------------------------------------------------------------------
 # Advantages, losses, KL: against brute force and hand computation
@@ -148,3 +151,102 @@ def test_losses_ignore_everything_outside_the_response_mask():
     after = losses(*noise)
     for a, b in zip(before, after, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def tiny_actor_critic(vocab=23, ctx=40, seed=0) -> P.ActorCritic:
+    torch.manual_seed(seed)
+    policy = GPT(GPTConfig(vocab_size=vocab, block_size=ctx, n_layer=2, n_head=2, n_embd=32))
+    return P.ActorCritic(policy, P.ValueHead(32))
+
+
+def test_ppo_loss_and_gradients_ignore_prompt_padding_and_the_tokens_after_the_end():
+    """The PPO loss of a minibatch through the model: changing the left padding of the prompts and the tokens after
+    each response's end token (and every per-token quantity there) changes neither the loss nor any gradient."""
+    eot, V = 22, 23
+    ac = tiny_actor_critic()
+    prompts = [[3, 4, 5], [6, 7, 8, 9, 10, 11], [12, 13]]
+    responses = [[1, 2, eot, eot, eot], [5, 6, 7, 8, 9], [eot, eot, eot, eot, eot]]  # the middle one never ends
+    Pn, R = 6, 5
+    seq = torch.tensor([[eot] * (Pn - len(p)) + p + r for p, r in zip(prompts, responses, strict=True)])
+    attention_mask = torch.cat([torch.tensor([[0] * (Pn - len(p)) + [1] * len(p) for p in prompts]),
+                                torch.ones(3, R, dtype=torch.long)], dim=1)
+    mask = P.response_mask(seq[:, Pn:], eot)
+    g = torch.Generator().manual_seed(3)
+    per_token = {k: torch.randn(3, R, generator=g) for k in ("logprobs", "values", "advantages", "returns")}
+    args = P.Args(clip_range=0.1, clip_range_value=0.3, vf_coef=0.5)
+    rt = setup_runtime("cpu")
+
+    def loss_and_grads(seq, per_token):
+        ac.zero_grad()
+        loss, _ = P.ppo_loss(ac, {"seq": seq, "attention_mask": attention_mask, "n_prompt": Pn, "mask": mask,
+                                  **per_token}, args, rt)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in ac.named_parameters()}
+
+    loss, grads = loss_and_grads(seq, per_token)
+    noisy_seq = seq.clone()
+    noisy_seq[attention_mask == 0] = torch.randint(0, V, (int((attention_mask == 0).sum()),), generator=g)
+    after_end = torch.cat([torch.zeros(3, Pn, dtype=torch.bool), (mask == 0)], dim=1)
+    noisy_seq[after_end] = torch.randint(0, V, (int(after_end.sum()),), generator=g)
+    assert not torch.equal(noisy_seq, seq)
+    noisy = {k: v + 5 * torch.randn(3, R, generator=g) * (1 - mask) for k, v in per_token.items()}
+    loss2, grads2 = loss_and_grads(noisy_seq, noisy)
+    torch.testing.assert_close(loss2, loss, atol=1e-6, rtol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads2[name], grad, atol=1e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    assert grads["value_head.linear.weight"].abs().sum() > 0 and grads["policy.transformer.wte.weight"].abs().sum() > 0
+
+
+class LastTokenScore:
+    """A stand-in reward model: the score of a sequence is the id of its last non-padding token, which shows which
+    token the rollout tells the reward model to read."""
+
+    def normalized(self, idx, attention_mask):
+        last = attention_mask.size(1) - 1 - attention_mask.flip(1).argmax(1)
+        return idx.gather(1, last[:, None]).squeeze(1).float()
+
+
+def test_rollout_tensors_equal_each_example_computed_alone():
+    chars = "abcdefgh :\n"
+    tok = CharTokenizer(chars, eot=True)
+    eot = tok.eot_token
+    ac = tiny_actor_critic(vocab=tok.vocab_size, ctx=48, seed=1)
+    reference = copy.deepcopy(ac.policy)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # a reference that differs: the KL is not zero
+    prompts = ["abc:", "hhh gg ff:\n", "a:", "bad face:"]
+    args = P.Args(max_new_tokens=12, temperature=0.7, minibatch_size=2, kl_coef=0.3, no_eot_penalty=2.0)
+    batch = P.rollout(ac, reference, LastTokenScore(), tok, prompts, args, setup_runtime("cpu"), beta=0.3,
+                      generator=torch.Generator().manual_seed(0))
+    Pn, mask = batch["n_prompt"], batch["mask"]
+    ended = (batch["seq"][:, Pn:] == eot).any(1)
+    assert ended.any() and not ended.all()  # both kinds of response are checked
+    for b, prompt in enumerate(prompts):
+        n = int(mask[b].sum())
+        response = batch["seq"][b, Pn:Pn + n].tolist()
+        ended = response[-1] == eot
+        assert batch["texts"][b] == tok.decode(response[:-1] if ended else response)
+        alone = torch.tensor([tok.encode(prompt) + response])  # no padding at all
+        p = len(alone[0]) - n
+        with torch.no_grad():
+            logp = (ac.policy(alone)[0][0, p - 1:-1] / 0.7).log_softmax(-1).gather(1, alone[0, p:, None])[:, 0]
+            ref = (reference(alone)[0][0, p - 1:-1] / 0.7).log_softmax(-1).gather(1, alone[0, p:, None])[:, 0]
+            value = ac.value_head(ac.policy.hidden_states(alone)[:, p - 1:-1])[0]
+        torch.testing.assert_close(batch["logprobs"][b, :n], logp, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(batch["values"][b, :n], value, atol=1e-5, rtol=1e-5)
+        # the reward model reads the last token before the end token (the prompt's last for an empty response)
+        last = (tok.encode(prompt) + response)[-2 if ended else -1]
+        assert batch["scores"][b].item() == last
+        score = last - (0.0 if ended else 2.0)  # the penalty for a response that never ended
+        want = torch.full((n,), 0.0)
+        want[-1] = score
+        torch.testing.assert_close(batch["rewards"][b, :n], want - 0.3 * (logp - ref), atol=1e-5, rtol=1e-5)
+        assert (batch["rewards"][b, n:] == 0).all()
+    gold = torch.tensor(task.gold_rewards(prompts, batch["texts"]))
+    assert batch["metrics"]["gold_reward"] == pytest.approx(gold.mean().item())
+    # the first PPO minibatch sees the policy that sampled the rollouts: every ratio is 1
+    adv, ret = P.compute_gae(batch["rewards"], batch["values"], mask)
+    mb = {k: batch[k] for k in ("seq", "attention_mask", "n_prompt", "mask", "logprobs", "values")}
+    _, stats = P.ppo_loss(ac, mb | {"advantages": adv, "returns": ret}, args, setup_runtime("cpu"))
+    assert stats["clipfrac"] == 0 and stats["approx_kl"] < 1e-10
