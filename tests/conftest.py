@@ -2,6 +2,35 @@
 
 import os
 
+import pytest
+
 for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ[var] = "1"
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+def save_tiny_char_base(path, n_layer: int = 2, n_head: int = 2, n_embd: int = 64, block_size: int = 256,
+                        seed: int = 0):
+    """A small randomly initialised char-level GPT over the Shakespeare characters, saved as a minigpt checkpoint
+    directory (weights + run.json with the tokenizer): the base the alignment tests fine-tune."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    import minigpt as M
+
+    text, _ = M.load_text(M.Args())
+    tok = M.CharTokenizer.from_text(text)
+    torch.manual_seed(seed)
+    model = M.GPT(M.GPTConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
+                              n_embd=n_embd))
+    path = Path(path)
+    model.save_pretrained(path)
+    (path / "run.json").write_text(json.dumps({"tokenizer": tok.spec()}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    return save_tiny_char_base(tmp_path_factory.mktemp("tiny_base"))

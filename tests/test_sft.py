@@ -1,0 +1,169 @@
+"""sft.py: the masked loss against a brute-force per-example sum, packed against padded batches, sampling and KL,
+EOS learning, an end-to-end run that must lower the held-out loss, exact resume, and bad input."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import minigpt as M
+import sft as S
+from alignment_task import format_prompt, write_jsonl
+from minigpt import InputError
+
+
+def tiny_gpt(vocab=23, block=48, seed=0):
+    torch.manual_seed(seed)
+    return M.GPT(M.GPTConfig(vocab_size=vocab, block_size=block, n_layer=2, n_head=2, n_embd=16))
+
+
+def random_examples(n, vocab=23, seed=1, eot=22):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        n_prompt, n_resp = int(torch.randint(1, 9, (1,), generator=g)), int(torch.randint(1, 7, (1,), generator=g))
+        ids = torch.randint(0, vocab - 1, (n_prompt + n_resp,), generator=g).tolist() + [eot]
+        out.append((ids, n_prompt))
+    return out
+
+
+class ToyTokenizer:
+    """Letters a-v are ids 0-21, id 22 is the end of text."""
+    eot_token, vocab_size = 22, 23
+
+    def encode(self, s):
+        return [ord(c) - 97 for c in s]
+
+    def decode(self, ids):
+        return "".join(chr(i + 97) if i != 22 else "<|endoftext|>" for i in ids)
+
+
+def test_encode_example_masks_the_prompt_and_ends_with_eot():
+    tok = ToyTokenizer()
+    ids, n_prompt = S.encode_example(tok, "abc", "de", block_size=16)
+    assert ids == [0, 1, 2, 3, 4, 22] and n_prompt == 3
+    x, y = S.padded_batch([(ids, n_prompt), ([5, 6, 22], 1)], pad_id=22)
+    assert x.tolist() == [[0, 1, 2, 3, 4], [5, 6, 22, 22, 22]]
+    assert y.tolist() == [[-100, -100, 3, 4, 22], [6, 22, -100, -100, -100]]  # response tokens and the end only
+    ids, _ = S.encode_example(tok, "abc", "defghij", block_size=6)  # cut to block_size + 1 tokens: no end token
+    assert ids == [0, 1, 2, 3, 4, 5, 6]
+    with pytest.raises(InputError, match="the prompt has 6 tokens, the model's context is 6"):
+        S.encode_example(tok, "abcdef", "g", block_size=6)
+    with pytest.raises(InputError, match="the response is empty"):
+        S.encode_example(tok, "abc", "  ", block_size=6)
+
+
+def brute_force_response_nll(model, examples):
+    """Sum over examples and response tokens of -log p(token | everything before it), one example at a time."""
+    total = 0.0
+    for ids, n_prompt in examples:
+        logits = model(torch.tensor([ids[:-1]]))[0][0]
+        logp = F.log_softmax(logits, dim=-1)
+        total = total - sum(logp[t - 1, ids[t]] for t in range(n_prompt, len(ids)))
+    return total
+
+
+def test_masked_loss_equals_brute_force_per_example_sum():
+    model, examples = tiny_gpt(), random_examples(7)
+    x, y = S.padded_batch(examples, pad_id=22)
+    loss = S.sft_loss_sum(model, (x, y))
+    ref = brute_force_response_nll(model, examples)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    assert S.count_response_tokens((x, y)) == sum(len(ids) - n for ids, n in examples)
+    g1 = torch.autograd.grad(loss, model.transformer.h[0].attn.c_attn.weight)[0]
+    g2 = torch.autograd.grad(ref, model.transformer.h[0].attn.c_attn.weight)[0]
+    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
+
+
+def test_packed_batches_give_the_padded_loss_and_gradients():
+    model, examples = tiny_gpt(), random_examples(12)
+    packed = S.pack_examples(examples, block_size=24, pad_id=22)
+    assert packed[0].shape[0] < len(examples)  # several examples share a row
+    assert (packed[2][:, 1:] >= packed[2][:, :-1]).all()
+    padded = S.padded_batch(examples, pad_id=22)
+    assert S.count_response_tokens(packed) == S.count_response_tokens(padded)
+    lp, lq = S.sft_loss_sum(model, packed), S.sft_loss_sum(model, padded)
+    torch.testing.assert_close(lp, lq, rtol=1e-5, atol=1e-5)
+    w = model.transformer.wpe.weight  # positions restart per example: the position gradient matches too
+    torch.testing.assert_close(torch.autograd.grad(lp, w)[0], torch.autograd.grad(lq, w)[0], rtol=1e-4, atol=1e-6)
+
+
+def test_batched_generation_equals_one_by_one_and_stops_at_eot():
+    model, tok = tiny_gpt(seed=3).eval(), ToyTokenizer()
+    prompts = ["abc", "q", "hgfedcba", "uv"]
+    texts, tokens, ended = S.generate_responses(model, tok, prompts, 12, temperature=0)
+    for p, t, e in zip(prompts, tokens, ended, strict=True):
+        one = model.generate(torch.tensor([tok.encode(p)]), 12, temperature=0, eos_token_id=22)[0, len(p):].tolist()
+        stop = one.index(22) if 22 in one else len(one)
+        assert t == one[:stop] and e == (22 in one)
+        assert 22 not in t
+    assert texts == [tok.decode(t) for t in tokens]
+
+
+def test_sequence_kl_against_brute_force():
+    tok, pol, ref = ToyTokenizer(), tiny_gpt(seed=4), tiny_gpt(seed=5)
+    prompts, tokens, ended = ["abc", "de"], [[3, 4, 5], [7]], [True, False]
+    kls = S.sequence_kl(pol, ref, tok, prompts, tokens, ended)
+    for p, t, e, kl in zip(prompts, tokens, ended, kls, strict=True):
+        seq = tok.encode(p) + t + [22] * e
+        lp = [F.log_softmax(m(torch.tensor([seq[:-1]]))[0][0], -1) for m in (pol, ref)]
+        want = sum(lp[0][i - 1, seq[i]] - lp[1][i - 1, seq[i]] for i in range(len(p), len(seq)))
+        assert kl == pytest.approx(want.item(), abs=1e-5)
+    assert S.sequence_kl(pol, pol, tok, prompts, tokens, ended) == pytest.approx([0.0, 0.0], abs=1e-6)
+
+
+def tiny_args(tmp_path, base, **kw):
+    defaults = dict(init_from=str(base), output_dir=str(tmp_path / "runs"), device="cpu", n_train=600, n_test=48,
+                    batch_size=16, max_iters=40, eval_interval=20, log_interval=10, n_eval_prompts=8,
+                    max_new_tokens=24, learning_rate=2e-3, warmup_iters=5)
+    return S.Args(**{**defaults, **kw})
+
+
+def test_eos_is_learned_and_generation_stops(tmp_path, tiny_base):
+    rows = [{"prompt": format_prompt(q), "response": a} for q, a in
+            [("Say hi.", " Hi."), ("Say yes.", " Yes, my lord."), ("Name a king.", " Lear."), ("Count.", " One, two.")]]
+    write_jsonl(tmp_path / "data.jsonl", rows)
+    out = S.main(tiny_args(tmp_path, tiny_base, data_path=str(tmp_path / "data.jsonl"),
+                           test_path=str(tmp_path / "data.jsonl"), batch_size=4, max_iters=150, eval_interval=150,
+                           learning_rate=3e-3, temperature=0.0))
+    assert out["heldout_loss"][150] < 0.1 < out["heldout_loss"][0]
+    model, tok = M.load_pretrained(str(out["run_dir"] / "latest"))
+    texts, _, ended = S.generate_responses(model, tok, [r["prompt"] for r in rows], 40, temperature=0)
+    assert texts == [r["response"] for r in rows] and all(ended)  # the answer, then the end token: it stops
+    assert out["no_eos"][150] == 0.0
+
+
+def test_sft_end_to_end_lowers_heldout_loss_and_exports_to_transformers(tmp_path, tiny_base):
+    from transformers import GPT2LMHeadModel
+
+    out = S.main(tiny_args(tmp_path, tiny_base, packing=True))
+    first, last = out["heldout_loss"][0], out["heldout_loss"][40]
+    assert last < 0.75 * first, out["heldout_loss"]
+    assert set(out["gold_reward"]) == {0, 20, 40}
+    latest = out["run_dir"] / "latest"
+    ours, tok = M.load_pretrained(str(latest))
+    assert tok.eot_token == tok.vocab_size - 1 == ours.config.vocab_size - 1  # the char base gained an end token
+    hf = GPT2LMHeadModel.from_pretrained(latest).eval()
+    idx = torch.tensor([tok.encode(format_prompt("Say something about love.")) + [tok.eot_token]])
+    torch.testing.assert_close(ours.eval()(idx)[0], hf(idx).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_base):
+    full = S.main(tiny_args(tmp_path / "a", tiny_base, max_iters=12, eval_interval=6, dropout=0.1))
+    S.main(tiny_args(tmp_path / "b", tiny_base, max_iters=6, eval_interval=6, dropout=0.1))
+    resumed = S.main(tiny_args(tmp_path / "b", tiny_base, max_iters=12, eval_interval=6, dropout=0.1, resume=True))
+    for step in range(7, 13):
+        assert resumed["train_loss"][step] == pytest.approx(full["train_loss"][step], rel=1e-6)
+
+
+def test_bad_input_names_the_line(tmp_path, tiny_base):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "response": " b"}) + "\n" + json.dumps({"prompt": "a"}) + "\n")
+    with pytest.raises(InputError, match=r"bad.jsonl, line 2: missing string field 'response'"):
+        S.main(tiny_args(tmp_path, tiny_base, data_path=str(path), test_path=str(path)))
+    write_jsonl(path, [{"prompt": "x" * 300, "response": " y"}])
+    with pytest.raises(InputError, match=r"bad.jsonl, row 1: the prompt has 300 tokens, the model's context is 256"):
+        S.main(tiny_args(tmp_path, tiny_base, data_path=str(path), test_path=str(path)))
+    with pytest.raises(InputError, match="no such file"):
+        S.main(tiny_args(tmp_path, tiny_base, data_path=str(tmp_path / "missing.jsonl")))
