@@ -551,7 +551,7 @@ def adapter_rows(model: nn.Module, ids: torch.Tensor | None):
 TASKS = {
     "speech": "continue a speech: the speaker and a line, then the next line",
     "qa": "answer a question about a play: who, in a two-line exchange, said a quoted phrase",
-    "positive": "write positively: a line of positive sentiment (VADER compound >= 0.6) on a topic",
+    "positive": "write positively: a line of positive sentiment (VADER compound >= 0.6) on a topic word of it",
 }
 TEMPLATES = {
     "speech": ("{tag}.\n{line}\n", "{line}\n"),
@@ -616,7 +616,8 @@ def build_tasks(tokenizer, max_chars: int = 128, per_task: int = 4000) -> dict:
     lines = sorted({ln for _, sp in speeches for ln in sp if 25 <= len(ln) <= 70})
     for j, ln in enumerate(lines):
         words = [w.lower() for w in re.findall(r"[A-Za-z]{4,}", ln) if w.lower() not in _STOP]
-        if words and vader.polarity_scores(ln)["compound"] >= 0.6:
+        lex = sum(max(0.0, vader.lexicon.get(w.lower(), 0.0)) for w in re.findall(r"[A-Za-z']+", ln))
+        if words and lex >= 2.0 and vader.polarity_scores(ln)["compound"] >= 0.6:  # cheap lexicon sum first
             topic = max(words, key=len)
             out["positive"].append(dict(prompt=TEMPLATES["positive"][j % 2].format(topic=topic),
                                         completion=ln + "\n", family=j % 2))
