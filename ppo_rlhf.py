@@ -96,6 +96,10 @@ class Args:
     """'head': a value head on the policy's transformer (lm-human-preferences); 'separate': a critic of its own,
     initialised from the reward model (Ouyang et al. 2022, sec. 3.5)"""
     # --- prompts ---
+    prompts_path: str | None = None
+    """training prompts from a JSONL file of rows {"prompt": formatted prompt} instead of the alignment task's"""
+    eval_prompts_path: str | None = None
+    """held-out prompts from a JSONL file of rows {"prompt"}; its first --n-eval-prompts rows are used"""
     dataset: str | None = None
     """a Hugging Face data set in the Anthropic/hh-rlhf layout to take prompts from (needs the hub); default: the
     offline alignment task's instructions"""
@@ -513,8 +517,11 @@ def load_prompts(args: Args) -> tuple[list[str], list[str]]:
         train = [p["prompt"] for p in task.load_hub_pairs(args.dataset, "train")][:args.n_train_prompts]
         test = [p["prompt"] for p in task.load_hub_pairs(args.dataset, "test")][:args.n_eval_prompts]
         return train, test
-    return ([r["prompt"] for r in task.make_instructions(args.n_train_prompts, "train", seed=args.seed)],
-            [r["prompt"] for r in task.make_instructions(args.n_eval_prompts, "test", seed=0)])
+    train = ([r["prompt"] for r in task.read_jsonl(args.prompts_path, ("prompt",))] if args.prompts_path else
+             [r["prompt"] for r in task.make_instructions(args.n_train_prompts, "train", seed=args.seed)])
+    test = ([r["prompt"] for r in task.read_jsonl(args.eval_prompts_path, ("prompt",))] if args.eval_prompts_path
+            else [r["prompt"] for r in task.make_instructions(args.n_eval_prompts, "test", seed=0)])
+    return train, test[:args.n_eval_prompts]
 
 
 def check_args(args: Args):

@@ -1,14 +1,19 @@
 """ppo_rlhf.py against brute-force loops, hand computations and the papers' formulas; tiny PPO runs end to end."""
 
 import copy
+import json
 import math
+import random
 
 import pytest
 import torch
 
 import alignment_task as task
+import minigpt as M
 import ppo_rlhf as P
-from minigpt import GPT, CharTokenizer, GPTConfig, setup_runtime
+import reward_model as RM
+import sft as S
+from minigpt import GPT, CharTokenizer, GPTConfig, InputError, setup_runtime
 
 # ---------------------------------------------------------------------------------------------------------------
 # Advantages, losses, KL: against brute force and hand computation
@@ -250,3 +255,121 @@ def test_rollout_tensors_equal_each_example_computed_alone():
     mb = {k: batch[k] for k in ("seq", "attention_mask", "n_prompt", "mask", "logprobs", "values")}
     _, stats = P.ppo_loss(ac, mb | {"advantages": adv, "returns": ret}, args, setup_runtime("cpu"))
     assert stats["clipfrac"] == 0 and stats["approx_kl"] < 1e-10
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End to end: a tiny SFT policy and reward model built by sft.py and reward_model.py, then PPO
+
+POSITIVE = [" I love it, so good!", " Happy and kind."]
+NEGATIVE = [" I hate it, so bad.", " Sad and cruel."]
+WORDS = "love war king rose moon sea night gold crown sword heart tears grave fool honour wine".split()
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """An SFT policy that answers every prompt with one of four phrases, two positive and two negative (sft.py on a
+    random char-level GPT), and a reward model trained on pairs of those phrases labelled by the gold judge
+    (reward_model.py, normalised on the policy's samples). PPO has to move the policy's mass to the positive ones."""
+    root = tmp_path_factory.mktemp("pipeline")
+    text, _ = M.load_text(M.Args())
+    tok = CharTokenizer.from_text(text)
+    torch.manual_seed(0)
+    GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=160, n_layer=2, n_head=2, n_embd=64)).save_pretrained(
+        root / "base")
+    (root / "base" / "run.json").write_text(json.dumps({"tokenizer": tok.spec()}))
+    rng = random.Random(0)
+    prompts = [task.format_prompt(f"Say something about {w}.") for w in WORDS]
+    task.write_jsonl(root / "prompts.jsonl", [{"prompt": p} for p in prompts])
+    task.write_jsonl(root / "sft.jsonl", [{"prompt": rng.choice(prompts), "response": rng.choice(POSITIVE + NEGATIVE)}
+                                          for _ in range(400)])
+    S.main(S.Args(init_from=str(root / "base"), output_dir=str(root), device="cpu", data_path=str(root / "sft.jsonl"),
+                  n_test=40, batch_size=32, max_iters=120, eval_interval=120, log_interval=1000, n_eval_prompts=8,
+                  max_new_tokens=32, learning_rate=3e-3, warmup_iters=10))
+    pairs = []
+    for _ in range(300):
+        p, (a, b) = rng.choice(prompts), rng.sample(POSITIVE + NEGATIVE, 2)
+        a, b = (a, b) if task.gold_reward(p, a) > task.gold_reward(p, b) else (b, a)  # labelled by the gold judge
+        pairs.append({"prompt": p, "chosen": a, "rejected": b})
+    task.write_jsonl(root / "pairs_train.jsonl", pairs[:260])
+    task.write_jsonl(root / "pairs_test.jsonl", pairs[260:])
+    rm = RM.train(RM.TrainArgs(output_dir=str(root), device="cpu", init_from=str(root / "sft" / "latest"),
+                               pairs_train=str(root / "pairs_train.jsonl"), pairs_test=str(root / "pairs_test.jsonl"),
+                               batch_size=16, max_iters=60, eval_interval=60, log_interval=1000, n_judge_prompts=32,
+                               max_new_tokens=32, learning_rate=1e-3, warmup_iters=5))
+    assert rm["heldout_accuracy_final"] > 0.9
+    return root
+
+
+def ppo_args(root, **kw) -> P.Args:
+    base = dict(policy=str(root / "sft" / "latest"), reward_model=str(root / "reward_model" / "latest"),
+                output_dir=str(root / "runs"), device="cpu", prompts_path=str(root / "prompts.jsonl"),
+                eval_prompts_path=str(root / "prompts.jsonl"), n_eval_prompts=16, total_steps=12, batch_size=32,
+                minibatch_size=8, max_new_tokens=32, learning_rate=1e-4, min_lr=1e-5, kl_coef=0.1, eval_interval=6,
+                log_interval=100, n_samples_shown=1)
+    return P.Args(**{**base, **kw})
+
+
+def test_ppo_raises_reward_model_score_and_gold_reward_with_bounded_kl(pipeline):
+    out = P.main(ppo_args(pipeline))
+    train = out["history"]["train"]
+    mean = lambda key, steps: sum(h[f"train/{key}"] for h in steps) / len(steps)
+    first, last = train[:2], train[-4:]
+    print({k: (round(mean(k, first), 3), round(mean(k, last), 3)) for k in ("rm_score", "gold_reward", "kl")})
+    assert mean("rm_score", last) > mean("rm_score", first) + 0.4
+    assert mean("gold_reward", last) > mean("gold_reward", first) + 0.15
+    assert max(h["train/kl"] for h in train) < 8  # nats per response, against the SFT policy
+    # greedy decoding on held-out prompts: the SFT policy's mode is often a positive phrase already, so the evaluation
+    # is checked for its bookkeeping here, not for a gain
+    init, final = out["initial_eval"], out["final_eval"]
+    assert [e["step"] for e in out["history"]["eval"]] == [0, 6, 12]
+    assert init["eval/kl"] == 0 and 0 < final["eval/kl"] < 8 and final["eval/no_eot_frac"] == 0
+    saved = json.loads((out["run_dir"] / "history.json").read_text())
+    assert saved == json.loads(json.dumps(out["history"]))
+    policy, tok = M.load_pretrained(str(out["run_dir"] / "latest"))  # the trained policy is a minigpt checkpoint
+    assert tok.spec() == out["tokenizer"].spec() and policy.config.block_size == 160
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resumed_run_has_the_metrics_of_the_uninterrupted_run(pipeline, monkeypatch):
+    kw = dict(total_steps=6, eval_interval=3, batch_size=16, kl_target=2.0, kl_horizon=200)  # beta moves too
+    full = P.main(ppo_args(pipeline, run_name="full", **kw))["history"]
+    save = P.save_checkpoint
+
+    def save_then_die(run_dir, model, state, step, meta):
+        save(run_dir, model, state, step, meta)
+        if step == 3:
+            raise Killed  # the process dies right after the checkpoint at step 3
+
+    monkeypatch.setattr(P, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        P.main(ppo_args(pipeline, run_name="cut", **kw))
+    monkeypatch.setattr(P, "save_checkpoint", save)
+    resumed = P.main(ppo_args(pipeline, run_name="cut", resume=True, **kw))["history"]
+    drop_timing = lambda rows: [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
+    assert drop_timing(resumed["train"]) == drop_timing(full["train"])  # exactly equal on CPU, steps 4-6 included
+    assert resumed["eval"] == full["eval"]
+    assert full["train"][-1]["train/beta"] != full["train"][0]["train/beta"]
+
+
+def test_bad_input_is_a_clear_error(pipeline, tmp_path):
+    with pytest.raises(InputError, match="cannot load a GPT-2 checkpoint from '.*missing'"):
+        P.main(ppo_args(pipeline, policy=str(tmp_path / "missing")))
+    with pytest.raises(InputError, match="no reward model here"):
+        P.main(ppo_args(pipeline, reward_model=str(tmp_path)))
+    with pytest.raises(InputError, match="--minibatch-size 5 does not divide --batch-size 32"):
+        P.main(ppo_args(pipeline, minibatch_size=5))
+    with pytest.raises(InputError, match="--temperature 0"):
+        P.main(ppo_args(pipeline, temperature=0.0))
+    with pytest.raises(InputError, match="--resume: no checkpoint"):
+        P.main(ppo_args(pipeline, resume=True, run_name="never"))
+    long = task.format_prompt("Say something about " + "love, " * 20)
+    task.write_jsonl(tmp_path / "long.jsonl", [{"prompt": task.format_prompt("Hi.")}, {"prompt": long}])
+    with pytest.raises(InputError, match=r"training prompt 1 has 161 tokens; with --max-new-tokens 32 it does not "
+                                         r"fit the policy's context \(160\)"):
+        P.main(ppo_args(pipeline, prompts_path=str(tmp_path / "long.jsonl")))
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    with pytest.raises(InputError, match="bad.jsonl, line 2"):
+        P.main(ppo_args(pipeline, prompts_path=str(tmp_path / "bad.jsonl")))
