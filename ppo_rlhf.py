@@ -24,10 +24,10 @@ Pieces, top to bottom: masking helpers, the KL estimator and controllers, the pe
 `policy_loss`, `value_loss`, the actors' forward pass, rollouts, evaluation, then `main`.
 
 Run it (after sft.py and reward_model.py have written runs/sft/ and runs/reward_model/):
-    python ppo_rlhf.py                          # the default run on CPU: ~N min on 2 CPU cores
+    python ppo_rlhf.py                          # the default run on CPU: 60 steps of 64 rollouts
     python ppo_rlhf.py --resume                 # continue runs/ppo exactly where it stopped
     python ppo_rlhf.py --kl-target 3            # the adaptive KL controller instead of a fixed beta
-    python ppo_rlhf.py --kl-coef 0.01 --total-steps 400 --run-name ppo-overopt   # reward-model over-optimisation
+    python ppo_rlhf.py --kl-coef 0.01 --total-steps 400 --run-name ppo-overopt   # push on the reward model longer
     python ppo_rlhf.py --critic separate        # a separate critic initialised from the reward model
     python ppo_rlhf.py --policy gpt2 --reward-model runs/reward_model-gpt2/latest --dataset Anthropic/hh-rlhf
                                                 # with a hub: a GPT-2 policy, prompts of an hh-rlhf layout data set
@@ -119,7 +119,7 @@ class Args:
     (Huang et al. 2022)"""
     no_eot_penalty: float = 1.0
     """subtracted from the reward-model score of a response with no end-of-text token"""
-    kl_coef: float = 0.05
+    kl_coef: float = 0.1
     """beta, the weight of the KL penalty (the initial value with --kl-target)"""
     kl_target: float | None = None
     """adapt beta to keep the KL per response near this many nats (Ziegler et al. 2019); None: fixed beta"""
@@ -132,9 +132,9 @@ class Args:
     """passes over each rollout batch"""
     minibatch_size: int = 16
     """rollouts per optimizer step (divides batch_size)"""
-    learning_rate: float = 3e-5
-    """peak learning rate"""
-    min_lr: float = 3e-6
+    learning_rate: float = 1e-4
+    """peak learning rate (1e-3 drives a 0.1M-parameter policy to reward hacking within 10 steps)"""
+    min_lr: float = 1e-5
     """learning rate at the end of the cosine decay"""
     warmup_steps: int = 0
     """PPO steps of linear warmup"""
