@@ -367,6 +367,9 @@ def make_pairs(args: PairsArgs) -> dict:
                 (hi, best), (lo, worst), flipped = (lo, worst), (hi, best), flipped + 1
             rows.append({"prompt": prompt, "chosen": best, "rejected": worst, "chosen_gold": hi, "rejected_gold": lo})
         path = Path(args.out_dir) / f"pairs_{split}.jsonl"
+        if not rows:
+            raise InputError(f"{args.policy}: every prompt's {k} samples tie under the gold judge: no pairs for "
+                             f"{path} (more --samples-per-prompt, a higher --temperature, or a trained policy)")
         write_jsonl(path, rows)
         stats[split] = {"pairs": len(rows), "ties_skipped": ties, "flipped": flipped, "path": str(path)}
         print(f"{split}: {len(prompts) * k:,} samples in {time.perf_counter() - t0:.0f}s -> {len(rows):,} pairs "
@@ -472,7 +475,8 @@ def train(args: TrainArgs) -> dict:
         raw_model.reward_mean, raw_model.reward_std = float(scores.mean()), float(scores.std() + 1e-8)
         a, b = slice(0, None, 2), slice(1, None, 2)
         differ = np.abs(gold[a] - gold[b]) > 1e-6
-        agree = float(np.mean((scores[a] > scores[b])[differ] == (gold[a] > gold[b])[differ]))
+        agree = float(np.mean((scores[a] > scores[b])[differ] == (gold[a] > gold[b])[differ])) if differ.any() \
+            else float("nan")  # every fresh pair tied under the gold judge
         rho = rank_correlation(scores, gold)
         results.update(judge_pairwise_accuracy=agree, judge_spearman=rho, judge_pairs=int(differ.sum()),
                        reward_mean=raw_model.reward_mean, reward_std=raw_model.reward_std,
