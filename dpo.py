@@ -3,14 +3,141 @@
 DPO (Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is Secretly a Reward Model")
 trains the policy on pairs (prompt x, chosen y_w, rejected y_l) with a classification loss on the difference of
 implicit rewards r(x, y) = beta * log(pi(y|x) / pi_ref(y|x)), with no reward model and no sampling in the loop.
+The reference pi_ref is the SFT policy, frozen. Loss variants: conservative DPO (label smoothing; Mitchell 2023),
+IPO (Azar et al. 2023) and SLiC's hinge (Zhao et al. 2023). Because the offline task's gold judge is known
+(alignment_task.py), the run also measures what the preference data stand for: the gold reward of samples from
+the policy on fixed held-out prompts, and their KL to the SFT policy, before, during and after training.
 
-Pieces, top to bottom: `dpo_loss` (sigmoid DPO, conservative DPO by label smoothing, IPO, SLiC's hinge),
-`sequence_logps` (log-probability of the response tokens only), `collate_pairs` and `concatenated_logps` (chosen
-and rejected rows of a batch padded together and run through the model in one forward pass), then `main`.
+Pieces, top to bottom: `dpo_loss`, `sequence_logps` (log-probability of the response tokens only), `collate_pairs`
+and `concatenated_logps` (chosen and rejected rows of a batch padded together and run through the model in one
+forward pass), `pair_batch_indices` (the data order, a function of the step), then `main`.
+
+Run it (after sft.py and `python reward_model.py pairs`, which write runs/sft/ and data/alignment/pairs_*.jsonl):
+    python dpo.py                               # DPO from runs/sft/latest on the offline pairs, CPU
+    python dpo.py --resume                      # continue runs/dpo exactly where it stopped
+    python dpo.py --loss-type ipo --beta 0.5 --run-name ipo       # IPO; also --loss-type hinge, --label-smoothing
+    python dpo.py --beta 0.3 --run-name dpo-beta0.3               # a point of the gold reward / KL frontier
+    python dpo.py --no-precompute-ref           # reference log-probs on the fly instead of once before training
+    python dpo.py --lora-rank 8                 # LoRA adapters (merged into the saved model); --qlora: NF4 base
+    python dpo.py --device cuda --batch-size 64                   # on a GPU (bf16 autocast)
+    python dpo.py --init-from gpt2 --dataset Anthropic/hh-rlhf --block-size 512   # with a hub
+The last checkpoint is a Hugging Face model directory: `GPT2LMHeadModel.from_pretrained("runs/dpo/latest")`; the
+final metrics are in runs/dpo/metrics.json.
 """
+
+import copy
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import tyro
+from tqdm.auto import tqdm
+
+from alignment_task import load_hub_pairs, read_pairs
+from assets import DATA_DIR
+from lora import apply_lora, load_adapter, merge_and_unload, save_adapter
+from minigpt import (
+    InputError,
+    Logger,
+    _sync,
+    configure_optimizer,
+    derived_seed,
+    load_checkpoint,
+    lr_at,
+    save_checkpoint,
+    setup_runtime,
+    train_step,
+)
+from sft import encode_example, evaluate_policy, load_policy, padded_batch
+
+
+@dataclass
+class Args:
+    # --- common to every script ---
+    seed: int = 1337
+    """random seed; every random choice of a run is a function of (seed, rank, iteration)"""
+    device: str = "auto"
+    """'auto' (cuda, then mps, then cpu), or a torch device such as 'cpu', 'cuda', 'cuda:1'"""
+    dtype: str = "auto"
+    """'auto' (bfloat16 autocast on CUDA where supported, else float32), 'bfloat16' or 'float32'"""
+    compile: bool = False
+    """compile the model with torch.compile"""
+    track: bool = False
+    """log metrics to Weights & Biases (WANDB_MODE=offline works without a network)"""
+    wandb_project: str = "minillm"
+    """Weights & Biases project"""
+    run_name: str = "dpo"
+    """name of the run: checkpoints go to <output-dir>/<run-name>/"""
+    output_dir: str = "runs"
+    """directory that holds the runs"""
+    resume: bool = False
+    """continue the run in <output-dir>/<run-name>/ from its latest checkpoint"""
+    # --- data ---
+    train_path: str = str(DATA_DIR / "alignment" / "pairs_train.jsonl")
+    """preference pairs to train on: JSONL rows {"prompt", "chosen", "rejected"} (`python reward_model.py pairs`)"""
+    test_path: str = str(DATA_DIR / "alignment" / "pairs_test.jsonl")
+    """held-out preference pairs: their accuracy, and their prompts for the samples' gold reward and KL"""
+    dataset: str | None = None
+    """a Hugging Face preference data set in the Anthropic/hh-rlhf layout instead (needs `datasets` and the hub)"""
+    # --- model ---
+    init_from: str = "runs/sft/latest"
+    """the SFT policy, which is also the frozen reference: a run's checkpoint directory, or a Hugging Face GPT-2"""
+    dropout: float = 0.0
+    """dropout of the policy while it trains (off by default: dropout would make the log-ratios noisy)"""
+    lora_rank: int = 0
+    """train LoRA adapters of this rank instead of every weight (0: full fine-tuning)"""
+    lora_alpha: float | None = None
+    """LoRA scaling numerator (default: the rank, i.e. scale 1)"""
+    qlora: bool = False
+    """with --lora-rank: quantise the frozen base weights to NF4 (QLoRA)"""
+    # --- DPO ---
+    loss_type: str = "sigmoid"
+    """'sigmoid' (DPO), 'ipo' or 'hinge' (SLiC)"""
+    beta: float = 0.1
+    """strength of the KL constraint to the reference: the implicit reward is beta * log(pi / pi_ref)"""
+    label_smoothing: float = 0.0
+    """with 'sigmoid': the assumed chance that a preference label is flipped (conservative DPO)"""
+    precompute_ref: bool = True
+    """compute the reference log-probs of every pair once before training (else in each step, on the fly)"""
+    # --- optimisation ---
+    batch_size: int = 16
+    """preference pairs per micro-batch (per process); each pair is two rows of the forward pass"""
+    grad_accum_steps: int = 1
+    """micro-batches per optimizer step"""
+    max_iters: int = 200
+    """optimizer steps"""
+    learning_rate: float = 5e-5
+    """peak learning rate, reached after the warmup"""
+    min_lr: float = 5e-5
+    """learning rate at the end of the cosine decay (equal to the peak: constant after warmup, as in the paper)"""
+    warmup_iters: int = 20
+    """steps of linear warmup"""
+    weight_decay: float = 0.0
+    """AdamW weight decay, applied to matrices only"""
+    beta1: float = 0.9
+    """AdamW beta1"""
+    beta2: float = 0.99
+    """AdamW beta2"""
+    grad_clip: float = 1.0
+    """clip the global gradient norm to this (0: no clipping)"""
+    # --- evaluation, logging, checkpoints ---
+    eval_interval: int = 50
+    """evaluate on the held-out pairs and prompts, and checkpoint, every this many steps"""
+    eval_pairs: int = 400
+    """held-out pairs for the preference accuracy (0: all)"""
+    eval_prompts: int = 64
+    """fixed held-out prompts whose samples get the gold reward and the KL to the SFT policy"""
+    max_new_tokens: int = 64
+    """tokens per sample"""
+    temperature: float = 1.0
+    """sampling temperature of the evaluation samples (1: samples of the policy itself, which the KL is about)"""
+    log_interval: int = 10
+    """steps between log lines"""
+
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -74,24 +201,14 @@ def sequence_logps(logits, targets, average: bool = False):
     return total / (targets != -100).sum(-1).clamp(min=1) if average else total
 
 
-def example_tensors(ids: list[int], n_prompt: int) -> tuple[list[int], list[int]]:
-    """(inputs, targets) of one prompt + response sequence: the targets are the next tokens, counted from the first
-    response token on (the prompt's own tokens are context, not predictions), -100 elsewhere."""
-    targets = [-100] * (n_prompt - 1) + ids[n_prompt:] + [-100]
-    return ids, targets
-
-
-def collate_pairs(pairs, pad_id: int = 0):
-    """One batch of B pairs [((chosen ids, n_prompt), (rejected ids, n_prompt)), ...] -> (idx, targets), both
-    (2B, T): the B chosen rows, then the B rejected rows, right-padded together to the longest.
+def collate_pairs(pairs, pad_id: int):
+    """One batch of B pairs [((chosen ids, n_prompt), (rejected ids, n_prompt)), ...] (sft.encode_example's format)
+    -> (idx, targets), both (2B, T): the B chosen rows, then the B rejected rows, right-padded together to the
+    longest by sft.padded_batch. targets count the response tokens and the end-of-text token only (-100 elsewhere).
 
     Right padding needs no attention mask: under the causal mask a real token never attends to a later position, so
     each row's log-probs are what it gets alone (padding positions are inputs only, their targets are -100)."""
-    rows = [example_tensors(*p[0]) for p in pairs] + [example_tensors(*p[1]) for p in pairs]
-    T = max(len(x) for x, _ in rows)
-    idx = torch.tensor([x + [pad_id] * (T - len(x)) for x, _ in rows])
-    targets = torch.tensor([y + [-100] * (T - len(y)) for _, y in rows])
-    return idx, targets
+    return padded_batch([chosen for chosen, _ in pairs] + [rejected for _, rejected in pairs], pad_id)
 
 
 def concatenated_logps(model, idx, targets, average: bool = False):
@@ -101,3 +218,264 @@ def concatenated_logps(model, idx, targets, average: bool = False):
     logps = sequence_logps(logits, targets, average)  # (2B,)
     B = idx.size(0) // 2
     return logps[:B], logps[B:]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: preference pairs, encoded once, drawn in an order that is a function of the step
+
+
+def load_pairs(args: Args, split: str) -> tuple[list[dict], str]:
+    """The rows {"prompt", "chosen", "rejected"} of one split and the name of their source."""
+    if args.dataset:
+        return load_hub_pairs(args.dataset, split), f"{args.dataset} ({split})"
+    path = args.train_path if split == "train" else args.test_path
+    return read_pairs(path), path
+
+
+def encode_pairs(rows: list[dict], tokenizer, block_size: int, source: str, skip_bad: bool = False):
+    """Rows -> ([((chosen ids, n_prompt), (rejected ids, n_prompt)), ...], pairs left out, responses cut) with
+    sft.encode_example (prompt tokens, response tokens, end-of-text token; a response longer than the context is cut,
+    as in the DPO reference code). A pair with no room for a response or an empty response is an error naming it, or,
+    with skip_bad (hub data), left out."""
+    pairs, skipped, cut = [], 0, 0
+    for i, row in enumerate(rows, start=1):
+        try:
+            pair = tuple(encode_example(tokenizer, row["prompt"], row[k], block_size) for k in ("chosen", "rejected"))
+        except InputError as e:
+            if not skip_bad:
+                raise InputError(f"{source}, pair {i}: {e}") from None
+            skipped += 1
+            continue
+        cut += sum(ids[-1] != tokenizer.eot_token for ids, _ in pair)
+        pairs.append(pair)
+    return pairs, skipped, cut
+
+
+_PERMUTATIONS: dict = {}
+
+
+def pair_batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
+    """The indices of the `batch` pairs of optimizer step `step`: epoch after epoch over the n pairs, each epoch in a
+    fresh random order drawn from (seed, epoch). A pure function of the step, so a resumed run reads exactly the pairs
+    the uninterrupted run read, with no data-loader state to save."""
+    out = []
+    for q in range(step * batch, (step + 1) * batch):
+        epoch, i = divmod(q, n)
+        if (n, seed, epoch) not in _PERMUTATIONS:
+            g = torch.Generator().manual_seed(derived_seed(seed, 3, epoch))
+            _PERMUTATIONS[(n, seed, epoch)] = torch.randperm(n, generator=g).tolist()
+        out.append(_PERMUTATIONS[(n, seed, epoch)][i])
+    return out
+
+
+@torch.no_grad()
+def all_pair_logps(model, pairs, pad_id: int, batch_size: int, rt, average: bool = False) -> torch.Tensor:
+    """(N, 2) log pi(chosen), log pi(rejected) of every pair, in batches, in eval mode."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        idx, targets = collate_pairs(pairs[i:i + batch_size], pad_id)
+        with rt.autocast():
+            chosen, rejected = concatenated_logps(model, idx.to(rt.device), targets.to(rt.device), average)
+        out.append(torch.stack([chosen, rejected], 1).float().cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def preference_metrics(prefix: str, losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict:
+    """Means over pairs. accuracy: the fraction of pairs whose implicit reward orders them as the label does, a tie
+    counting one half (so the reference itself, whose rewards are all 0, scores exactly chance, 0.5)."""
+    margin = chosen_rewards - rejected_rewards
+    accuracy = (margin > 0).float() + 0.5 * (margin == 0).float()
+    return {f"{prefix}/loss": losses.mean().item(), f"{prefix}/rewards/chosen": chosen_rewards.mean().item(),
+            f"{prefix}/rewards/rejected": rejected_rewards.mean().item(),
+            f"{prefix}/rewards/accuracy": accuracy.mean().item(), f"{prefix}/rewards/margin": margin.mean().item(),
+            f"{prefix}/logps/chosen": chosen_logps.mean().item(),
+            f"{prefix}/logps/rejected": rejected_logps.mean().item()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints, and LoRA
+
+
+def add_lora(policy, args: Args):
+    """LoRA adapters (NF4 base weights with --qlora) on the policy's attention and MLP projections (lora.py)."""
+    print(apply_lora(policy, args.lora_rank, args.lora_alpha, qlora=args.qlora))
+    return policy
+
+
+class MergedLoRA:
+    """What a checkpoint of a LoRA policy holds, given to minigpt's save_checkpoint in place of the model: the merged
+    policy (W + scale B A, a plain GPT directory that load_pretrained and transformers load, what the next stage of
+    the pipeline wants) and, in adapter/, the adapter itself (PEFT's layout), from which --resume continues exactly.
+    The adapter has its own folder because transformers takes a directory holding adapter_config.json for a PEFT
+    adapter rather than a model."""
+
+    def __init__(self, policy, base: str):
+        self.policy, self.base = policy, base
+
+    def save_pretrained(self, path):
+        merge_and_unload(copy.deepcopy(self.policy)).save_pretrained(path)
+        save_adapter(self.policy, Path(path) / "adapter", {"base": self.base})
+
+
+def save_state(run_dir: Path, policy, optimizer, step: int, meta: dict, lora: bool):
+    """runs/<run>/step-NNNNNN/ through minigpt's save_checkpoint (complete before `latest` points to it): a Hugging
+    Face model directory (the merged model with LoRA), the optimizer state and the run's metadata."""
+    save_checkpoint(run_dir, MergedLoRA(policy, meta["init_from"]) if lora else policy, optimizer, step, meta)
+
+
+def load_state(run_dir: Path, policy, optimizer, lora: bool) -> dict:
+    """The policy (or its adapter) and the optimizer of runs/<run>/latest; returns the run's metadata."""
+    if not lora:
+        return load_checkpoint(run_dir, policy, optimizer)
+    ckpt = run_dir / "latest"
+    if not (ckpt / "adapter").is_dir():
+        raise InputError(f"--resume: no LoRA checkpoint in {run_dir} (expected {ckpt}/adapter/)")
+    load_adapter(policy, ckpt / "adapter")
+    state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    return json.loads((ckpt / "run.json").read_text())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(args: Args) -> dict:
+    # --- devices, run directory ---
+    rt = setup_runtime(args.device, args.dtype)
+    if rt.world_size > 1:
+        raise InputError("dpo.py runs in one process; start it with python, not torchrun")
+    if args.loss_type not in LOSS_TYPES:
+        raise InputError(f"--loss-type {args.loss_type!r}: expected one of {LOSS_TYPES}")
+    if args.label_smoothing and args.loss_type != "sigmoid":
+        raise InputError(f"--label-smoothing applies to --loss-type sigmoid only, not {args.loss_type!r}")
+    if args.qlora and not args.lora_rank:
+        raise InputError("--qlora needs --lora-rank > 0")
+    run_dir = Path(args.output_dir) / args.run_name
+    average = args.loss_type == "ipo"  # IPO compares per-token mean log-probs (see dpo_loss)
+
+    # --- the policy and its frozen reference, both the SFT model to begin with ---
+    policy, tokenizer = load_policy(args.init_from, dropout=args.dropout)
+    block_size, eot = policy.config.block_size, tokenizer.eot_token
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    if args.lora_rank:
+        torch.manual_seed(args.seed)  # LoRA's initial A: the same in every run with this seed
+        policy = add_lora(policy, args)  # the reference stays the full-precision SFT model
+    policy.to(rt.device)
+    reference.to(rt.device)
+
+    # --- data: encoded once; reference log-probs of every pair precomputed once (the reference never changes) ---
+    train_rows, train_source = load_pairs(args, "train")
+    test_rows, test_source = load_pairs(args, "test")
+    if args.eval_pairs:
+        test_rows = test_rows[:args.eval_pairs]
+    train_pairs, skipped, cut = encode_pairs(train_rows, tokenizer, block_size, train_source, bool(args.dataset))
+    test_pairs, _, _ = encode_pairs(test_rows, tokenizer, block_size, test_source, bool(args.dataset))
+    if not train_pairs or not test_pairs:
+        raise InputError(f"no usable preference pairs in {train_source if not train_pairs else test_source}")
+    eval_prompts = list(dict.fromkeys(r["prompt"] for r in test_rows))[:args.eval_prompts]  # fixed, held out
+    ref_test = all_pair_logps(reference, test_pairs, eot, args.batch_size, rt, average)  # (N_test, 2)
+    ref_train = None  # (N_train, 2), or computed in each step
+    if args.precompute_ref:
+        ref_train = all_pair_logps(reference, train_pairs, eot, args.batch_size, rt, average)
+
+    # --- optimizer, resume ---
+    optimizer = configure_optimizer(policy, args.learning_rate, args.weight_decay, (args.beta1, args.beta2),
+                                    rt.device.type)
+    start, before = 0, None
+    if args.resume:
+        resumed = load_state(run_dir, policy, optimizer, bool(args.lora_rank))
+        start, before = resumed["step"], resumed.get("before")
+        print(f"resumed {run_dir} at step {start}")
+    model = torch.compile(policy) if args.compile else policy
+    meta = {"tokenizer": tokenizer.spec(), "args": asdict(args), "init_from": args.init_from}
+
+    def evaluate(step: int) -> dict:
+        """Held-out preference metrics, and the gold reward and KL to the SFT policy of samples on fixed prompts."""
+        logps = all_pair_logps(policy, test_pairs, eot, args.batch_size, rt, average)
+        losses, rc, rr = dpo_loss(logps[:, 0], logps[:, 1], ref_test[:, 0], ref_test[:, 1], args.beta,
+                                  args.loss_type, args.label_smoothing)
+        metrics = preference_metrics("eval", losses, rc, rr, logps[:, 0], logps[:, 1])
+        samples = evaluate_policy(policy, tokenizer, eval_prompts, rt, ref_model=reference,
+                                  max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+        return metrics | {f"eval/{k}": v for k, v in samples.items() if isinstance(v, (int, float))}
+
+    def loss_fn(model, batch):
+        """Summed DPO loss of a micro-batch; its statistics are kept for the step's log line."""
+        chosen, rejected = concatenated_logps(model, batch["idx"], batch["targets"], average)
+        if batch["ref"] is not None:
+            ref_chosen, ref_rejected = batch["ref"][:, 0], batch["ref"][:, 1]
+        else:  # on the fly: one more forward pass, through the frozen reference, with no graph
+            with torch.no_grad():
+                ref_chosen, ref_rejected = concatenated_logps(reference, batch["idx"], batch["targets"], average)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta,
+                                                            args.loss_type, args.label_smoothing)
+        step_stats.append((losses.detach(), chosen_rewards, rejected_rewards, chosen.detach(), rejected.detach()))
+        return losses.sum()
+
+    # --- training ---
+    logger = Logger(args, rt.master)
+    n_train = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    pairs_per_step = args.batch_size * args.grad_accum_steps
+    print(f"{n_train / 1e6:.2f}M trainable parameters, {len(train_pairs):,} training pairs ({train_source}; "
+          f"{skipped} left out, {cut} responses cut to the context of {block_size}), "
+          f"{len(test_pairs):,} held-out pairs, {len(eval_prompts)} eval prompts, {pairs_per_step} pairs per step, "
+          f"loss {args.loss_type}, beta {args.beta}, device {rt.device} ({rt.dtype})")
+    history = {"train_loss": {}, "eval": {}}
+    if start == 0:  # the SFT policy itself: accuracy 0.5 by construction, KL 0, its gold reward
+        before = history["eval"][0] = evaluate(0)
+        logger.log(before, 0)
+    meta["before"] = before  # kept in every checkpoint, so a resumed run still reports where it started
+    bar = tqdm(range(start, args.max_iters), initial=start, total=args.max_iters, dynamic_ncols=True,
+               disable=None)  # None: a bar on a terminal only, log lines everywhere
+    t0 = time.perf_counter()
+    for step in bar:
+        torch.manual_seed(derived_seed(args.seed, rt.rank, step))  # dropout masks
+        lr = lr_at(step, args.learning_rate, args.min_lr, args.warmup_iters, args.max_iters)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        ids = pair_batch_indices(len(train_pairs), pairs_per_step, step, args.seed)
+        batches = []
+        for k in range(args.grad_accum_steps):
+            chunk = ids[k * args.batch_size:(k + 1) * args.batch_size]
+            idx, targets = collate_pairs([train_pairs[i] for i in chunk], eot)
+            batches.append({"idx": idx.to(rt.device), "targets": targets.to(rt.device),
+                            "ref": ref_train[chunk].to(rt.device) if ref_train is not None else None})
+        step_stats = []
+        loss, grad_norm = train_step(model, optimizer, batches, rt, args.grad_clip, loss_fn,
+                                     count_fn=lambda b: b["idx"].size(0) // 2)  # the loss is a mean over pairs
+        history["train_loss"][step + 1] = loss
+
+        _sync(rt.device)
+        dt, t0 = time.perf_counter() - t0, time.perf_counter()
+        stats = [torch.cat(s).float().cpu() for s in zip(*step_stats, strict=True)]
+        metrics = preference_metrics("train", *stats) | {"train/lr": lr, "train/grad_norm": grad_norm,
+                                                         "perf/pairs_per_s": pairs_per_step / dt}
+        bar.set_postfix(loss=f"{loss:.4f}", acc=f"{metrics['train/rewards/accuracy']:.2f}")
+        logger.log(metrics, step + 1, line=(step + 1) % args.log_interval == 0)
+
+        if (step + 1) % args.eval_interval == 0 or step + 1 == args.max_iters:
+            history["eval"][step + 1] = evaluate(step + 1)
+            logger.log(history["eval"][step + 1], step + 1)
+            save_state(run_dir, policy, optimizer, step + 1, meta, bool(args.lora_rank))
+            t0 = time.perf_counter()  # evaluation time is not training throughput
+
+    # --- final metrics ---
+    final = history["eval"].get(args.max_iters, {})
+    results = {"final": final, "before": before, "steps": args.max_iters, "run_dir": str(run_dir)}
+    if final:
+        (run_dir / "metrics.json").write_text(json.dumps(results, indent=2))
+        print(f"held-out preference accuracy {final['eval/rewards/accuracy']:.3f}, gold reward of samples "
+              f"{final.get('eval/gold_reward', float('nan')):.3f}, KL to the SFT policy "
+              f"{final.get('eval/kl', float('nan')):.3f}; model in {run_dir / 'latest'}")
+    logger.finish()
+    return {**history, **results, "run_dir": run_dir, "tokenizer": tokenizer}
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except (InputError, FileNotFoundError) as e:  # bad input: one line, no traceback
+        sys.exit(f"error: {e}")

@@ -1,12 +1,18 @@
 """dpo.py against closed forms worked out by hand, brute-force loops, separate forward passes, and end-to-end runs."""
 
+import json
 import math
+import random
 
 import pytest
 import torch
 
 import dpo as D
-from minigpt import GPT, GPTConfig
+import reward_model as RM
+import sft
+from alignment_task import gold_reward, make_instructions, read_pairs, write_jsonl
+from assets import asset_path
+from minigpt import GPT, CharTokenizer, GPTConfig, InputError
 
 # ---------------------------------------------------------------------------------------------------------------
 # The loss and its variants, against their closed forms
@@ -121,7 +127,7 @@ def brute_force_logp(model, ids, n_prompt, average=False):
 def test_sequence_logps_equal_brute_force_per_token_sum(average):
     model = tiny_gpt()
     pairs = random_pairs(3, 23)
-    idx, targets = D.collate_pairs(pairs)
+    idx, targets = D.collate_pairs(pairs, 0)
     with torch.no_grad():
         got = D.sequence_logps(model(idx)[0], targets, average)
     rows = [p[0] for p in pairs] + [p[1] for p in pairs]
@@ -130,21 +136,22 @@ def test_sequence_logps_equal_brute_force_per_token_sum(average):
 
 
 def test_collate_counts_response_tokens_only():
-    idx, targets = D.collate_pairs([(([5, 6, 7, 8], 2), ([5, 6, 9], 2))], pad_id=0)
-    assert idx.tolist() == [[5, 6, 7, 8], [5, 6, 9, 0]]
-    # targets[t] is the token after idx[:t+1]; the prompt (5, 6) is never a target, padding never counts
-    assert targets.tolist() == [[-100, 7, 8, -100], [-100, 9, -100, -100]]
+    # (ids, n_prompt) as sft.encode_example gives them: prompt 5 6, responses 7 8 and 9, each ended by the token 1
+    idx, targets = D.collate_pairs([(([5, 6, 7, 8, 1], 2), ([5, 6, 9, 1], 2))], pad_id=0)
+    assert idx.tolist() == [[5, 6, 7, 8], [5, 6, 9, 0]]  # chosen row, then rejected row, right-padded
+    # targets[t] is the token after idx[:t+1]: the prompt (5, 6) is never a target, the end token is, padding is not
+    assert targets.tolist() == [[-100, 7, 8, 1], [-100, 9, 1, -100]]
 
 
 def test_concatenated_forward_equals_separate_forwards():
     model = tiny_gpt(seed=1)
     pairs = random_pairs(4, 23, seed=1)
     with torch.no_grad():
-        chosen, rejected = D.concatenated_logps(model, *D.collate_pairs(pairs))
+        chosen, rejected = D.concatenated_logps(model, *D.collate_pairs(pairs, 0))
         for i, (c, r) in enumerate(pairs):
             for got, (ids, n) in ((chosen[i], c), (rejected[i], r)):
                 # each sequence alone, unpadded, in a batch of one
-                x, y = D.collate_pairs([((ids, n), (ids, n))])
+                x, y = D.collate_pairs([((ids, n), (ids, n))], 0)
                 alone = D.sequence_logps(model(x[:1])[0], y[:1])
                 torch.testing.assert_close(got, alone[0], atol=1e-5, rtol=1e-5)
     # and the gradients of the loss through the one pass equal those through two separate passes
@@ -153,13 +160,131 @@ def test_concatenated_forward_equals_separate_forwards():
     for concatenated in (True, False):
         model.zero_grad()
         if concatenated:
-            c, r = D.concatenated_logps(model, *D.collate_pairs(pairs))
+            c, r = D.concatenated_logps(model, *D.collate_pairs(pairs, 0))
         else:
-            xc, yc = D.collate_pairs([(p[0], p[0]) for p in pairs])
-            xr, yr = D.collate_pairs([(p[1], p[1]) for p in pairs])
+            xc, yc = D.collate_pairs([(p[0], p[0]) for p in pairs], 0)
+            xr, yr = D.collate_pairs([(p[1], p[1]) for p in pairs], 0)
             c = D.sequence_logps(model(xc[:4])[0], yc[:4])
             r = D.sequence_logps(model(xr[:4])[0], yr[:4])
         D.dpo_loss(c, r, ref[0], ref[1])[0].sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End to end on the offline alignment task: a tiny SFT policy, its preference pairs, DPO
+
+
+@pytest.fixture(scope="module")
+def sft_policy(tmp_path_factory):
+    """A tiny SFT policy trained by sft.py, and preference pairs of its own samples labelled by the gold judge
+    (reward_model.py's `pairs`): (policy directory, pairs directory).
+
+    A character-level model trained for seconds cannot spell the words the gold judge's sentiment lexicon knows, so
+    its SFT data answers every prompt of the task with one of four lines of the plays: the two with the highest gold
+    reward and the two with the lowest. The SFT policy learns to say them about equally often; the pairs of its
+    samples then carry the gold judge's preference, which DPO has to learn from pairs alone."""
+    root = tmp_path_factory.mktemp("pipeline")
+    text = "".join(p.read_text(encoding="utf-8") for p in sorted(asset_path("shakespeare").glob("*.txt")))
+    tokenizer = CharTokenizer.from_text(text)
+    torch.manual_seed(0)
+    base = root / "base"  # a random character-level GPT: sft.py gives it an end-of-text token
+    cfg = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=192, n_layer=2, n_head=2, n_embd=64)
+    GPT(cfg).save_pretrained(base)
+    (base / "run.json").write_text(json.dumps({"tokenizer": tokenizer.spec()}))
+    lines = sorted({r["response"] for r in make_instructions(3000, "train", 0) if 15 <= len(r["response"]) <= 40},
+                   key=lambda line: gold_reward("", line))
+    lines = lines[:2] + lines[-2:]
+    rng = random.Random(0)
+    for split, n in (("train", 2000), ("test", 50)):
+        write_jsonl(root / f"sft_{split}.jsonl", [{"prompt": r["prompt"], "response": rng.choice(lines)}
+                                                  for r in make_instructions(n, split, 0)])
+    sft.main(sft.Args(output_dir=str(root / "runs"), run_name="sft", init_from=str(base),
+                      data_path=str(root / "sft_train.jsonl"), test_path=str(root / "sft_test.jsonl"), batch_size=16,
+                      max_iters=300, learning_rate=3e-3, min_lr=3e-4, warmup_iters=10, eval_interval=10**6,
+                      n_eval_prompts=8, max_new_tokens=48))
+    policy = root / "runs" / "sft" / "latest"
+    RM.make_pairs(RM.PairsArgs(policy=str(policy), out_dir=str(root), n_train_prompts=200, n_test_prompts=100,
+                               samples_per_prompt=4, max_new_tokens=48))
+    return policy, root
+
+
+def dpo_args(sft_policy, tmp_path, **kw) -> D.Args:
+    policy, pairs = sft_policy
+    base = dict(init_from=str(policy), train_path=str(pairs / "pairs_train.jsonl"),
+                test_path=str(pairs / "pairs_test.jsonl"), output_dir=str(tmp_path / "runs"), batch_size=8,
+                max_iters=8, warmup_iters=2, eval_interval=4, eval_pairs=16, eval_prompts=4, max_new_tokens=16,
+                log_interval=4)
+    return D.Args(**{**base, **kw})
+
+
+def test_dpo_raises_heldout_preference_accuracy_and_gold_reward(sft_policy, tmp_path):
+    out = D.main(dpo_args(sft_policy, tmp_path, max_iters=20, eval_interval=20, batch_size=16, learning_rate=1e-4,
+                          eval_pairs=0, eval_prompts=48, max_new_tokens=48))
+    before, after = out["before"], out["final"]
+    print({k: (round(before[k], 3), round(after[k], 3)) for k in after})
+    # the SFT policy is its own reference: every implicit reward is 0, every held-out pair a tie (accuracy 1/2)
+    assert before["eval/rewards/accuracy"] == 0.5 and before["eval/kl"] == 0.0
+    assert after["eval/rewards/accuracy"] > 0.8  # held-out pairs, on prompts from plays the training pairs never saw
+    assert after["eval/gold_reward"] > before["eval/gold_reward"] + 0.3  # samples on fixed held-out prompts
+    assert after["eval/kl"] > 0.0
+    # the chosen responses' log-probability falls too: DPO widens the margin mostly by pushing the rejected down
+    assert after["eval/logps/chosen"] < before["eval/logps/chosen"]
+    assert after["eval/rewards/margin"] > 0 and after["eval/rewards/rejected"] < after["eval/rewards/chosen"]
+    assert json.loads((out["run_dir"] / "metrics.json").read_text())["final"] == after
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("variant", ["full", "lora", "on-the-fly reference"])
+def test_resumed_run_has_the_losses_of_the_uninterrupted_run(sft_policy, tmp_path, monkeypatch, variant):
+    kw = {"full": {}, "lora": dict(lora_rank=4), "on-the-fly reference": dict(precompute_ref=False)}[variant]
+    full = D.main(dpo_args(sft_policy, tmp_path, run_name="full", **kw))
+    save = D.save_checkpoint
+
+    def save_then_die(run_dir, model, optimizer, step, meta):
+        save(run_dir, model, optimizer, step, meta)
+        if step == 4:
+            raise Killed  # the process dies right after the checkpoint at step 4
+
+    monkeypatch.setattr(D, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        D.main(dpo_args(sft_policy, tmp_path, run_name="cut", **kw))
+    monkeypatch.setattr(D, "save_checkpoint", save)
+    resumed = D.main(dpo_args(sft_policy, tmp_path, run_name="cut", resume=True, **kw))
+    assert sorted(resumed["train_loss"]) == list(range(5, 9))
+    assert resumed["train_loss"] == {step: full["train_loss"][step] for step in range(5, 9)}  # exactly, on CPU
+    assert resumed["final"] == full["final"] and resumed["before"] == full["before"]
+    assert full["train_loss"][8] != full["train_loss"][1]
+    # the last checkpoint is a plain GPT (merged, with LoRA) whose log-probs are the trained policy's
+    policy, tokenizer = sft.load_policy(str(full["run_dir"] / "latest"))
+    test = read_pairs(sft_policy[1] / "pairs_test.jsonl")
+    pairs, _, _ = D.encode_pairs(test[:16], tokenizer, policy.config.block_size, "test")
+    logps = D.all_pair_logps(policy, pairs, tokenizer.eot_token, 8, D.setup_runtime("cpu"))
+    assert logps[:, 0].mean().item() == pytest.approx(full["final"]["eval/logps/chosen"], abs=1e-4)
+
+
+def test_precomputed_and_on_the_fly_reference_give_the_same_losses(sft_policy, tmp_path):
+    once = D.main(dpo_args(sft_policy, tmp_path, run_name="once", max_iters=3, eval_interval=10))["train_loss"]
+    fly = D.main(dpo_args(sft_policy, tmp_path, run_name="fly", max_iters=3, eval_interval=10,
+                          precompute_ref=False))["train_loss"]
+    assert fly == pytest.approx(once, abs=1e-5)
+
+
+def test_bad_input_is_a_clear_error(sft_policy, tmp_path):
+    good = (sft_policy[1] / "pairs_train.jsonl").read_text().splitlines()
+    bad = tmp_path / "bad.jsonl"
+    row = json.loads(good[1])
+    del row["rejected"]
+    bad.write_text("\n".join([good[0], json.dumps(row)] + good[2:]) + "\n")
+    with pytest.raises(InputError, match=r"bad.jsonl, line 2: missing string field 'rejected'"):
+        D.main(dpo_args(sft_policy, tmp_path, train_path=str(bad)))
+    with pytest.raises(InputError, match=r"nope.jsonl: no such file"):
+        D.main(dpo_args(sft_policy, tmp_path, test_path=str(tmp_path / "nope.jsonl")))
+    with pytest.raises(InputError, match="--loss-type 'dpo'"):
+        D.main(dpo_args(sft_policy, tmp_path, loss_type="dpo"))
+    with pytest.raises(InputError, match="--resume: no checkpoint"):
+        D.main(dpo_args(sft_policy, tmp_path, run_name="never", resume=True))
