@@ -749,15 +749,18 @@ def _atomic_write(path: Path, write):
     os.replace(tmp, path)
 
 
-def save_checkpoint(run_dir: Path, model: GPT, optimizer, step: int, meta: dict):
-    """runs/<run>/step-NNNNNN/: a Hugging Face model directory, plus the optimizer state and the run's metadata.
-    The directory is complete before the `latest` symlink is switched to it (atomically); older ones are removed."""
+def save_checkpoint(run_dir: Path, model: GPT, optimizer, step: int, meta: dict, extra=None):
+    """runs/<run>/step-NNNNNN/: a Hugging Face model directory, plus the optimizer state and the run's metadata
+    (and whatever extra(directory) writes, e.g. a LoRA adapter). The directory is complete before the `latest`
+    symlink is switched to it (atomically); older ones are removed."""
     ckpt = run_dir / f"step-{step:06d}"
     tmp = run_dir / f".{ckpt.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp / "train_state.pt")
     (tmp / "run.json").write_text(json.dumps({**meta, "step": step}, indent=2))
+    if extra is not None:
+        extra(tmp)
     shutil.rmtree(ckpt, ignore_errors=True)
     os.replace(tmp, ckpt)
     link = run_dir / ".latest.tmp"

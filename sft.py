@@ -20,6 +20,7 @@ Run it:
     torchrun --standalone --nproc_per_node=2 sft.py      # DDP
 """
 
+import copy
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -34,6 +35,7 @@ import tyro
 from tqdm.auto import tqdm
 
 from alignment_task import gold_rewards, make_instructions, read_jsonl
+from lora import apply_lora, load_adapter, merge_and_unload, save_adapter
 from minigpt import (
     CharTokenizer,
     InputError,
@@ -90,6 +92,12 @@ class Args:
     """the base model: a minigpt checkpoint directory, or a Hugging Face GPT-2 (hub name or directory)"""
     dropout: float = 0.0
     """dropout during fine-tuning"""
+    lora_rank: int = 0
+    """train a LoRA adapter of this rank on the attention and MLP projections, the rest frozen (0: full fine-tuning)"""
+    lora_alpha: float | None = None
+    """LoRA scale numerator (scale alpha / r); default: the rank"""
+    qlora: bool = False
+    """with --lora-rank: store the frozen base in 4-bit NF4 (QLoRA)"""
     # --- optimisation ---
     batch_size: int = 32
     """rows per micro-batch (per process): examples when padded, packed rows of block_size tokens with --packing"""
@@ -328,14 +336,33 @@ def load_policy(init_from: str, dropout: float = 0.0):
     return model, tokenizer
 
 
+def save_policy(run_dir: Path, model, optimizer, step: int, meta: dict, lora: bool = False):
+    """A checkpoint whose weights are a plain GPT-2 (what the next stages and transformers load). With LoRA these are
+    the merged weights of a copy; the adapter itself goes to adapter/ (PEFT's layout), from which --resume goes on."""
+    if not lora:
+        return save_checkpoint(run_dir, model, optimizer, step, meta)
+    merged = merge_and_unload(copy.deepcopy(model))
+    save_checkpoint(run_dir, merged, optimizer, step, meta, extra=lambda d: save_adapter(model, d / "adapter", meta))
+
+
 def main(args: Args) -> dict:
     # --- devices, processes, run directory ---
     rt = setup_runtime(args.device, args.dtype)
     run_dir = Path(args.output_dir) / args.run_name
 
-    # --- model: the base, with an end-of-text token; on --resume the run's own latest weights ---
-    model, tokenizer = load_policy(str(run_dir / "latest") if args.resume else args.init_from, args.dropout)
+    # --- model: the base, with an end-of-text token; on --resume the run's own latest weights (with LoRA: the base
+    # and the run's adapter) ---
+    resume_full = args.resume and not args.lora_rank
+    model, tokenizer = load_policy(str(run_dir / "latest") if resume_full else args.init_from, args.dropout)
     block = model.config.block_size
+    if args.lora_rank:  # LoRA (Hu et al. 2021) / QLoRA (Dettmers et al. 2023): lora.py
+        torch.manual_seed(args.seed)  # A's random initialisation: a function of the seed, as every draw of a run
+        lora = apply_lora(model, args.lora_rank, args.lora_alpha, qlora=args.qlora)
+        if rt.master:
+            print(f"LoRA rank {args.lora_rank}{' on an NF4 base' if args.qlora else ''}: {lora['trainable']:,} of "
+                  f"{lora['total']:,} parameters trainable")
+        if args.resume:
+            load_adapter(model, run_dir / "latest" / "adapter", qlora=args.qlora)
     model.to(rt.device)
 
     # --- data: encoded once; the held-out split is judged by loss and by the gold reward of samples ---
@@ -349,10 +376,14 @@ def main(args: Args) -> dict:
     optimizer = configure_optimizer(model, args.learning_rate, args.weight_decay, (args.beta1, args.beta2),
                                     rt.device.type)
     start = 0
-    if args.resume:
+    if resume_full:
         start = load_checkpoint(run_dir, model, optimizer)["step"]
-        if rt.master:
-            print(f"resumed {run_dir} at step {start}")
+    elif args.resume:  # the adapter is loaded above; here the optimizer state and the step
+        state = torch.load(run_dir / "latest" / "train_state.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+    if args.resume and rt.master:
+        print(f"resumed {run_dir} at step {start}")
     raw_model = model
     if args.compile:
         model = torch.compile(model)
@@ -418,7 +449,7 @@ def main(args: Args) -> dict:
         if (step + 1) % args.eval_interval == 0 or step + 1 == args.max_iters:
             if rt.master:
                 evaluate(step + 1)
-                save_checkpoint(run_dir, raw_model, optimizer, step + 1, meta)
+                save_policy(run_dir, raw_model, optimizer, step + 1, meta, lora=bool(args.lora_rank))
             t0 = time.perf_counter()
 
     if rt.master and history["heldout_loss"]:

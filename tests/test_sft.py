@@ -167,3 +167,22 @@ def test_bad_input_names_the_line(tmp_path, tiny_base):
         S.main(tiny_args(tmp_path, tiny_base, data_path=str(path), test_path=str(path)))
     with pytest.raises(InputError, match="no such file"):
         S.main(tiny_args(tmp_path, tiny_base, data_path=str(tmp_path / "missing.jsonl")))
+
+
+@pytest.mark.parametrize("qlora", [False, True], ids=["lora", "qlora"])
+def test_lora_sft_learns_resumes_and_exports_merged_weights(tmp_path, tiny_base, qlora):
+    from transformers import GPT2LMHeadModel
+
+    kw = dict(lora_rank=4, qlora=qlora, max_iters=12, eval_interval=6, learning_rate=1e-2, n_train=300)
+    full = S.main(tiny_args(tmp_path / "a", tiny_base, **kw))
+    assert full["heldout_loss"][12] < 0.95 * full["heldout_loss"][0]
+    S.main(tiny_args(tmp_path / "b", tiny_base, **{**kw, "max_iters": 6}))
+    resumed = S.main(tiny_args(tmp_path / "b", tiny_base, **kw, resume=True))
+    for step in range(7, 13):
+        assert resumed["train_loss"][step] == pytest.approx(full["train_loss"][step], rel=1e-5)
+    latest = full["run_dir"] / "latest"
+    assert (latest / "adapter" / "adapter_config.json").is_file()
+    ours, tok = M.load_pretrained(str(latest))  # the merged policy: a plain GPT-2
+    hf = GPT2LMHeadModel.from_pretrained(latest).eval()
+    idx = torch.tensor([tok.encode(format_prompt("Say hi."))])
+    torch.testing.assert_close(ours.eval()(idx)[0], hf(idx).logits, rtol=1e-4, atol=1e-4)
