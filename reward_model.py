@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from alignment_task import format_prompt, gold_reward, make_instructions, read_pairs, write_jsonl
+from assets import DATA_DIR
 from minigpt import (
     GPT,
     GPTConfig,
@@ -94,7 +95,7 @@ class PairsArgs:
     """'auto' (cuda, then mps, then cpu), or a torch device"""
     policy: str = "runs/sft/latest"
     """the SFT policy whose samples are compared"""
-    out_dir: str = "data/alignment"
+    out_dir: str = str(DATA_DIR / "alignment")
     """where pairs_train.jsonl and pairs_test.jsonl are written"""
     n_train_prompts: int = 3000
     """prompts of the training split (a pair each, unless all its samples tie)"""
@@ -115,9 +116,9 @@ class PairsArgs:
 @dataclass
 class TrainArgs(Args):
     # --- data ---
-    pairs_train: str = "data/alignment/pairs_train.jsonl"
+    pairs_train: str = str(DATA_DIR / "alignment" / "pairs_train.jsonl")
     """preference pairs to train on: JSONL rows {"prompt", "chosen", "rejected"}"""
-    pairs_test: str = "data/alignment/pairs_test.jsonl"
+    pairs_test: str = str(DATA_DIR / "alignment" / "pairs_test.jsonl")
     """held-out preference pairs"""
     dataset: str | None = None
     """a hub data set in the Anthropic/hh-rlhf layout instead (needs `datasets` and the hub)"""

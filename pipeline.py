@@ -1,0 +1,294 @@
+"""pipeline.py: the whole RLHF pipeline in one command, and the comparisons it makes possible.
+
+    pretrain (minigpt.py) -> SFT (sft.py) -> preference pairs labelled by the gold judge (reward_model.py pairs)
+    -> reward model (reward_model.py train) -> PPO (ppo_rlhf.py) and DPO (dpo.py)
+
+then every policy (SFT, PPO, DPO) is judged the same way: one sampled response (temperature 1) to each of the same
+held-out prompts, scored by the gold judge and by the reward model, and the KL to the SFT policy of those samples
+(the sum over response tokens of log pi - log pi_sft, whose mean estimates KL(pi || pi_sft)). Because the task's
+true reward is known (alignment_task.gold_reward), the table shows what each method gains and what it pays.
+
+Subcommands:
+    run        the pipeline with each script's default configuration, then the comparison table
+    sweep      PPO and DPO at several betas: gold reward against KL, the frontier of Rafailov et al. 2023 (fig. 2)
+               in miniature, saved as a PNG
+    overopt    one long PPO run with a small KL penalty: the reward-model score keeps rising while the gold reward
+               turns down (Gao et al. 2022, "Scaling laws for reward model overoptimization"), saved as a PNG
+
+Run it:
+    python pipeline.py run                  # ~30 min on 2 CPU cores; stages whose output exists are kept with --reuse
+    python pipeline.py run --reuse          # only what is missing, then the table
+    python pipeline.py sweep                # after `run`: PPO and DPO at 4 betas each
+    python pipeline.py overopt              # after `run`: a long PPO run
+"""
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import tyro
+
+import dpo
+import minigpt
+import ppo_rlhf
+import reward_model
+import sft
+from alignment_task import gold_rewards, make_instructions
+from minigpt import InputError, load_pretrained, setup_runtime
+
+
+@dataclass
+class RunArgs:
+    seed: int = 1337
+    """random seed of every stage"""
+    device: str = "auto"
+    """'auto' (cuda, then mps, then cpu), or a torch device"""
+    output_dir: str = "runs"
+    """directory that holds the runs (runs/pretrain, runs/sft, runs/reward_model, runs/ppo, runs/dpo)"""
+    reuse: bool = False
+    """keep a stage whose output already exists instead of running it again"""
+    # --- the base model: minigpt with a context long enough for a prompt and its response ---
+    pretrain_block_size: int = 256
+    """context of the base model, in characters"""
+    pretrain_batch_size: int = 4
+    """sequences per step"""
+    pretrain_iters: int = 2000
+    """pretraining steps"""
+    # --- the comparison ---
+    n_compare_prompts: int = 128
+    """held-out prompts (unseen plays) each policy answers once, at temperature 1"""
+    max_new_tokens: int = 64
+    """longest response of the comparison samples"""
+
+
+@dataclass
+class SweepArgs(RunArgs):
+    ppo_betas: tuple[float, ...] = (0.02, 0.05, 0.1, 0.3)
+    """KL coefficients of the PPO runs"""
+    dpo_betas: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0)
+    """betas of the DPO runs"""
+    ppo_steps: int = 60
+    """PPO steps of each run"""
+    figure: str = "docs/frontier.png"
+    """where the frontier plot goes"""
+
+
+@dataclass
+class OveroptArgs(RunArgs):
+    kl_coef: float = 0.005
+    """a small KL penalty, so that the policy can travel far from the SFT policy"""
+    total_steps: int = 240
+    """PPO steps"""
+    learning_rate: float = 2e-4
+    """PPO learning rate"""
+    eval_interval: int = 10
+    """steps between the evaluations plotted"""
+    figure: str = "docs/overoptimization.png"
+    """where the plot goes"""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def compare_prompts(n: int) -> list[str]:
+    """Held-out prompts shared by every policy's evaluation (a draw of the test split no stage trains on)."""
+    return [r["prompt"] for r in make_instructions(n, "test", seed=12345)]
+
+
+def judge(policy_dir: str | Path, sft_model, rm, tokenizer, prompts: list[str], rt, max_new_tokens: int,
+          seed: int) -> dict:
+    """Gold reward, reward-model score and KL to the SFT policy of one sample per prompt (temperature 1)."""
+    policy, _ = load_pretrained(str(policy_dir))
+    policy.to(rt.device).eval()
+    texts, tokens, ended = sft.generate_responses(policy, tokenizer, prompts, max_new_tokens, 1.0, None,
+                                                  minigpt.seeded(seed, 4242, device=rt.device), device=rt.device)
+    kls = sft.sequence_kl(policy, sft_model, tokenizer, prompts, tokens, ended, rt.device)
+    scores = [(s - rm.reward_mean) / rm.reward_std
+              for s in reward_model.score_texts(rm, tokenizer, prompts, texts, rt.device)]
+    gold = gold_rewards(prompts, texts)
+    return {"gold_reward": float(np.mean(gold)), "gold_sem": float(np.std(gold) / np.sqrt(len(gold))),
+            "rm_score": float(np.mean(scores)), "kl": float(np.mean(kls)),
+            "length": float(np.mean([len(t) for t in tokens])), "no_eos": 1.0 - float(np.mean(ended)),
+            "examples": [{"prompt": p, "response": t} for p, t in list(zip(prompts, texts, strict=True))[:3]]}
+
+
+def load_judges(out: Path, rt):
+    sft_model, tokenizer = load_pretrained(str(out / "sft" / "latest"))
+    rm, _ = reward_model.load_reward_model(out / "reward_model" / "latest")
+    return sft_model.to(rt.device).eval(), rm.to(rt.device).eval(), tokenizer
+
+
+def stage(name: str, done: Path, reuse: bool, fn, timings: dict):
+    """Run fn unless reuse and its output exists; record its wall time."""
+    if reuse and done.exists():
+        print(f"=== {name}: kept {done}")
+        return None
+    print(f"=== {name}")
+    t0 = time.perf_counter()
+    result = fn()
+    timings[name] = time.perf_counter() - t0
+    print(f"=== {name}: {timings[name] / 60:.1f} min")
+    return result
+
+
+def run(args: RunArgs) -> dict:
+    out, t_start, timings = Path(args.output_dir), time.perf_counter(), {}
+    common = dict(seed=args.seed, device=args.device, output_dir=args.output_dir)
+    stage("pretrain", out / "pretrain" / "latest", args.reuse, lambda: minigpt.main(minigpt.Args(
+        **common, run_name="pretrain", block_size=args.pretrain_block_size, batch_size=args.pretrain_batch_size,
+        max_iters=args.pretrain_iters, eval_interval=500, sample_tokens=200)), timings)
+    stage("sft", out / "sft" / "latest", args.reuse,
+          lambda: sft.main(sft.Args(**common, init_from=str(out / "pretrain" / "latest"))), timings)
+    pairs = reward_model.PairsArgs(seed=args.seed, device=args.device, policy=str(out / "sft" / "latest"))
+    stage("pairs", Path(pairs.out_dir) / "pairs_test.jsonl", args.reuse, lambda: reward_model.make_pairs(pairs),
+          timings)
+    stage("reward_model", out / "reward_model" / "latest" / "results.json", args.reuse, lambda: reward_model.train(
+        reward_model.TrainArgs(**common, init_from=str(out / "sft" / "latest"))), timings)
+    stage("ppo", out / "ppo" / "latest", args.reuse, lambda: ppo_rlhf.main(ppo_rlhf.Args(
+        **common, policy=str(out / "sft" / "latest"), reward_model=str(out / "reward_model" / "latest"))), timings)
+    stage("dpo", out / "dpo" / "latest", args.reuse, lambda: dpo.main(dpo.Args(
+        **common, init_from=str(out / "sft" / "latest"))), timings)
+
+    # --- the comparison: every policy judged on the same prompts, the same way ---
+    print("=== comparison")
+    t0 = time.perf_counter()
+    rt = setup_runtime(args.device, "float32")
+    sft_model, rm, tokenizer = load_judges(out, rt)
+    prompts = compare_prompts(args.n_compare_prompts)
+    rows = {name: judge(out / name / "latest", sft_model, rm, tokenizer, prompts, rt, args.max_new_tokens, args.seed)
+            for name in ("sft", "ppo", "dpo")}
+    timings["comparison"] = time.perf_counter() - t0
+    rm_results = json.loads((out / "reward_model" / "latest" / "results.json").read_text())
+    result = {"policies": rows, "reward_model": {k: rm_results[k] for k in (
+        "heldout_accuracy_final", "judge_pairwise_accuracy", "judge_spearman")}, "timings_s": timings,
+        "total_s": time.perf_counter() - t_start, "n_prompts": len(prompts)}
+    (out / "pipeline.json").write_text(json.dumps(result, indent=2))
+    print_table(result)
+    return result
+
+
+def print_table(result: dict):
+    rm = result["reward_model"]
+    print(f"\n{result['n_prompts']} held-out prompts, one sample each (temperature 1); KL to the SFT policy in nats")
+    print("| policy | gold reward | reward-model score | KL to SFT | response tokens | no end token |")
+    print("|---|---|---|---|---|---|")
+    for name, r in result["policies"].items():
+        print(f"| {name.upper()} | {r['gold_reward']:+.3f} ± {r['gold_sem']:.3f} | {r['rm_score']:+.3f} | "
+              f"{r['kl']:.2f} | {r['length']:.1f} | {r['no_eos']:.2f} |")
+    print(f"\nreward model: held-out pairwise accuracy {rm['heldout_accuracy_final']:.3f}, agreement with the gold "
+          f"judge on fresh SFT samples {rm['judge_pairwise_accuracy']:.3f} (Spearman {rm['judge_spearman']:.3f})")
+    if result.get("timings_s"):
+        print("wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in result["timings_s"].items())
+              + f"; total {result['total_s'] / 60:.1f} min")
+
+
+def sweep(args: SweepArgs) -> dict:
+    """PPO and DPO at several betas from the same SFT policy, reward model and pairs; gold reward against KL."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(args.output_dir)
+    common = dict(seed=args.seed, device=args.device, output_dir=args.output_dir)
+    rt = setup_runtime(args.device, "float32")
+    sft_model, rm, tokenizer = load_judges(out, rt)
+    prompts = compare_prompts(args.n_compare_prompts)
+    points = {"ppo": [], "dpo": []}
+    for beta in args.ppo_betas:
+        name = f"sweep/ppo-beta{beta:g}"
+        if not (args.reuse and (out / name / "latest").exists()):
+            ppo_rlhf.main(ppo_rlhf.Args(**common, run_name=name, kl_coef=beta, total_steps=args.ppo_steps,
+                                        policy=str(out / "sft" / "latest"),
+                                        reward_model=str(out / "reward_model" / "latest")))
+        points["ppo"].append({"beta": beta, **judge(out / name / "latest", sft_model, rm, tokenizer, prompts, rt,
+                                                    args.max_new_tokens, args.seed)})
+    for beta in args.dpo_betas:
+        name = f"sweep/dpo-beta{beta:g}"
+        if not (args.reuse and (out / name / "latest").exists()):
+            dpo.main(dpo.Args(**common, run_name=name, beta=beta, init_from=str(out / "sft" / "latest")))
+        points["dpo"].append({"beta": beta, **judge(out / name / "latest", sft_model, rm, tokenizer, prompts, rt,
+                                                    args.max_new_tokens, args.seed)})
+    base = judge(out / "sft" / "latest", sft_model, rm, tokenizer, prompts, rt, args.max_new_tokens, args.seed)
+    (out / "sweep").mkdir(parents=True, exist_ok=True)
+    (out / "sweep" / "sweep.json").write_text(json.dumps({"sft": base, **points}, indent=2))
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ax.scatter([base["kl"]], [base["gold_reward"]], color="black", marker="s", label="SFT", zorder=3)
+    for method, color in (("ppo", "tab:blue"), ("dpo", "tab:orange")):
+        pts = sorted(points[method], key=lambda p: p["kl"])
+        ax.errorbar([p["kl"] for p in pts], [p["gold_reward"] for p in pts], yerr=[p["gold_sem"] for p in pts],
+                    marker="o", color=color, label=method.upper(), capsize=3)
+        for p in pts:
+            ax.annotate(f"β={p['beta']:g}", (p["kl"], p["gold_reward"]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=8, color=color)
+    ax.set_xlabel("KL(π || π_SFT) of samples, nats")
+    ax.set_ylabel("gold reward of samples")
+    ax.set_title("Gold reward against KL (held-out prompts, temperature 1)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(args.figure, dpi=120)
+    print(f"| method | beta | gold reward | KL to SFT | RM score |\n|---|---|---|---|---|\n| SFT | - | "
+          f"{base['gold_reward']:+.3f} | 0 | {base['rm_score']:+.3f} |")
+    for method in ("ppo", "dpo"):
+        for p in points[method]:
+            print(f"| {method.upper()} | {p['beta']:g} | {p['gold_reward']:+.3f} ± {p['gold_sem']:.3f} | "
+                  f"{p['kl']:.2f} | {p['rm_score']:+.3f} |")
+    print(f"figure: {args.figure}")
+    return {"sft": base, **points}
+
+
+def overopt(args: OveroptArgs) -> dict:
+    """A long PPO run with a small KL penalty, its greedy evaluations plotted against the KL travelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(args.output_dir)
+    res = ppo_rlhf.main(ppo_rlhf.Args(seed=args.seed, device=args.device, output_dir=args.output_dir,
+                                      run_name="overopt", kl_coef=args.kl_coef, total_steps=args.total_steps,
+                                      learning_rate=args.learning_rate, eval_interval=args.eval_interval,
+                                      policy=str(out / "sft" / "latest"),
+                                      reward_model=str(out / "reward_model" / "latest")))
+    train = res["history"]["train"]
+    steps = [h["step"] for h in train]
+    smooth = lambda xs: np.convolve(xs, np.ones(5) / 5, mode="valid")  # noqa: E731  5-step moving average
+    fig, ax1 = plt.subplots(figsize=(6.5, 4.2))
+    ax1.plot(steps[4:], smooth([h["train/rm_score"] for h in train]), color="tab:blue", label="reward-model score")
+    ax1.plot(steps[4:], smooth([h["train/gold_reward"] for h in train]), color="tab:green", label="gold reward")
+    ax1.set_xlabel("PPO step")
+    ax1.set_ylabel("reward of samples (5-step mean)")
+    ax2 = ax1.twinx()
+    ax2.plot(steps[4:], smooth([h["train/kl"] for h in train]), color="gray", ls="--", label="KL to SFT")
+    ax2.set_ylabel("KL to the SFT policy, nats")
+    lines = ax1.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax1.legend(lines, [ln.get_label() for ln in lines], loc="upper left", fontsize=8)
+    ax1.set_title(f"PPO with a small KL penalty (β={args.kl_coef:g}): the proxy rises, the gold reward does not")
+    ax1.grid(alpha=0.3)
+    Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(args.figure, dpi=120)
+    best = max(train, key=lambda h: h["train/gold_reward"])
+    print(f"gold reward peaked at step {best['step']} ({best['train/gold_reward']:+.3f}, KL {best['train/kl']:.2f}); "
+          f"at the end: gold {train[-1]['train/gold_reward']:+.3f}, RM score {train[-1]['train/rm_score']:+.3f}, "
+          f"KL {train[-1]['train/kl']:.2f}; figure: {args.figure}")
+    return res
+
+
+COMMANDS = {RunArgs: run, SweepArgs: sweep, OveroptArgs: overopt}
+
+if __name__ == "__main__":
+    args = tyro.cli(Annotated[RunArgs, tyro.conf.subcommand("run")]
+                    | Annotated[SweepArgs, tyro.conf.subcommand("sweep")]
+                    | Annotated[OveroptArgs, tyro.conf.subcommand("overopt")])
+    try:
+        COMMANDS[type(args)](args)
+    except (InputError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
