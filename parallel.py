@@ -29,8 +29,8 @@ Run it:
     torchrun --standalone --nproc_per_node=4 parallel.py --strategy dp-tp --tp 2
     torchrun --standalone --nproc_per_node=2 parallel.py --strategy fsdp --activation-checkpointing
     python parallel.py --strategy ddp                                        # one process: the reference run
-    # several machines: the same command on every node, with its --node-rank
-    torchrun --nnodes=2 --node-rank=0 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST0:29500 \
+    # several machines: the same command on every node (HOST0: any one of them)
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-id=run1 --rdzv-backend=c10d --rdzv-endpoint=HOST0:29500 \
         parallel.py --strategy dp-tp --tp 8 --n-layer 24 --n-head 16 --n-embd 2048 --block-size 1024
     sbatch train.sbatch     # SLURM: srun starts one torchrun per node (README, "parallel.py", for the script)
     python parallel.py plan                                                  # 70B parameters on 512 80 GB GPUs
@@ -240,6 +240,44 @@ class CommLog:
 
 
 COMM = CommLog()
+
+
+class CollectiveBytes(TorchDispatchMode):
+    """A second, independent count: every collective, whoever issues it (this file, DDP, FSDP2, DTensor), passes
+    through the dispatcher as a c10d op; this mode sees each one on the calling thread and counts the bytes with
+    CommLog's ring model. One-element tensors (token counts, losses, norms) are bookkeeping and left out."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = defaultdict(float)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__  # e.g. "allreduce_.default"
+        ns = func.namespace
+        if ns in ("c10d", "_c10d_functional"):
+            tensors = [t for a in args for t in (a if isinstance(a, (list, tuple)) else [a]) if torch.is_tensor(t)]
+            nbytes = lambda t: t.numel() * t.element_size()
+            if tensors and tensors[0].numel() > 1:
+                if name.startswith(("allreduce", "all_reduce")):
+                    group = args[1] if ns == "c10d" else args[2]
+                    n = (dist.ProcessGroup.unbox(group) if ns == "c10d"
+                         else dist.distributed_c10d._resolve_process_group(group)).size()
+                    self.bytes["all-reduce"] += 2 * (n - 1) / n * sum(nbytes(t) for t in tensors)
+                elif name.startswith(("_allgather_base", "all_gather_into_tensor")):
+                    out, inp = (tensors[0], tensors[1]) if ns == "c10d" else (None, tensors[0])
+                    n = out.numel() // inp.numel() if out is not None else args[1]
+                    self.bytes["all-gather"] += (n - 1) * nbytes(inp)
+                elif name.startswith(("_reduce_scatter_base", "reduce_scatter_tensor")):
+                    out, inp = (tensors[0], tensors[1]) if ns == "c10d" else (None, tensors[0])
+                    n = inp.numel() // out.numel() if out is not None else args[2]
+                    self.bytes["reduce-scatter"] += (n - 1) / n * nbytes(inp)
+                elif name.startswith("send"):
+                    self.bytes["send"] += sum(nbytes(t) for t in tensors)
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> float:
+        return sum(self.bytes.values())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -951,15 +989,15 @@ def state_bytes(s: Strategy) -> dict:
 
 
 def theory_bytes(strategy: str, cfg: GPTConfig, layout: Layout, rows_per_micro: int, n_micro: int,
-                 rank: int = 0) -> float:
+                 rank: int = 0, recompute: bool = False) -> float:
     """What each rank should send per optimizer step (fp32), under the ring algorithms of CommLog.
     DDP: one all-reduce of the gradient, 2(N-1)/N * 4 Psi (Li et al. 2020). ZeRO-1: reduce-scatter + all-gather,
     (N-1)/N * 4 Psi each, the same total (Rajbhandari et al. 2020, sec. 7). FSDP2 (ZeRO-3): all-gather in forward
-    and in backward plus a reduce-scatter, 3 (N-1)/N * 4 Psi per micro-batch, 1.5x DDP (ZeRO sec. 7.2.2).
+    and in backward plus a reduce-scatter, 3 (N-1)/N * 4 Psi, 1.5x DDP (ZeRO sec. 7.2.2).
     Tensor parallel: 4 all-reduces of the (b, T, C) activations per block per micro-batch, 2 forward (g) and 2
-    backward (f) (Shoeybi et al. 2019, sec. 3). Pipeline: one (b, T, C) activation forward and one gradient
-    backward per micro-batch across each stage boundary, plus the tied embedding's gradient (V C) between the first
-    and last stage."""
+    backward (f) (Shoeybi et al. 2019, sec. 3), and 1 more when checkpointing recomputes the forward. Pipeline:
+    one (b, T, C) activation forward and one gradient backward per micro-batch across each stage boundary, plus the
+    tied embedding's gradient (V C) between the first and last stage."""
     psi = sum(p.numel() for p in GPT(cfg).parameters())  # Psi: parameters, the tied embedding once
     V, C, L, T = cfg.vocab_size, cfg.n_embd, cfg.n_layer, cfg.block_size
     ring = lambda n: 2 * (n - 1) / n
@@ -967,10 +1005,15 @@ def theory_bytes(strategy: str, cfg: GPTConfig, layout: Layout, rows_per_micro: 
     if strategy in ("ddp", "ddp-torch", "zero1"):
         return ring(layout.dp) * 4 * psi
     if strategy == "fsdp":
-        return 3 * (layout.dp - 1) / layout.dp * 4 * psi * n_micro
+        # per micro-batch each block is all-gathered twice (forward, backward), the root (embeddings, ln_f) once:
+        # FSDP2 keeps the root unsharded between forward and backward; one reduce-scatter per step (no_sync before)
+        blocks = sum(p.numel() for p in GPT(cfg).transformer.h.parameters())
+        return (layout.dp - 1) / layout.dp * 4 * (n_micro * (psi - blocks + 2 * blocks) + psi)
     if strategy in ("tp", "tp-torch", "dp-tp"):
         t, d = layout.tp, layout.dp
-        tp_bytes = 4 * L * n_micro * ring(t) * act
+        # checkpointing recomputes each block's forward, but torch stops the recomputation once every tensor the
+        # backward needs is back (non-reentrant early stop), before the MLP's final all-reduce: 1 more, not 2
+        tp_bytes = (5 if recompute else 4) * L * n_micro * ring(t) * act
         # the local part of the model: the split matrices and column-parallel biases are 1/t of their size
         split = L * (3 * C * C + 3 * C + C * C + 4 * C * C + 4 * C + 4 * C * C)
         return tp_bytes + ring(d) * 4 * (psi - split + split / t)
@@ -1086,9 +1129,8 @@ def plan_layout(a: PlanArgs, dp: int, tp: int, pp: int, recompute: str) -> dict:
     # forward pass of the layers, 2N per token, for 'full' (Korthikanti sec. 5; selective adds ~the attention only)
     tokens = a.global_batch * s
     flops = M.flops_per_token(GPTConfig(n_layer=L, n_embd=h, block_size=s), int(a.n_params)) * tokens
-    if recompute == "full":
-        flops += 2 * a.n_params * tokens
-    compute = flops / (a.gpus * a.peak_tflops * 1e12 * a.efficiency)
+    executed = flops + (2 * a.n_params * tokens if recompute == "full" else 0)
+    compute = executed / (a.gpus * a.peak_tflops * 1e12 * a.efficiency)
     bubble = compute * (pp - 1) / m  # the pipeline bubble: (p-1)/(m+p-1) of the whole step (GPipe, sec. 2.2)
     ring = lambda n: 2 * (n - 1) / n
     # tensor parallel with sequence parallelism: per layer and micro-batch, all-gathers and reduce-scatters moving
@@ -1104,7 +1146,7 @@ def plan_layout(a: PlanArgs, dp: int, tp: int, pp: int, recompute: str) -> dict:
     return dict(dp=dp, tp=tp, pp=pp, recompute=recompute, micro_batches=m, states=states, activations=act,
                 memory=memory, fits=memory <= (a.gpu_memory_gb - a.reserve_gb) * 1e9, compute=compute,
                 bubble=bubble, tp_comm=tp_time, dp_comm=dp_time, pp_comm=pp_time, step=step,
-                tokens_per_s=tokens / step, mfu=flops / step / (a.gpus * a.peak_tflops * 1e12))
+                tokens_per_s=tokens / step, mfu=flops / step / (a.gpus * a.peak_tflops * 1e12))  # MFU: model FLOPs only
 
 
 def plan(a: PlanArgs) -> list[dict]:
@@ -1112,7 +1154,9 @@ def plan(a: PlanArgs) -> list[dict]:
     micro-batches), fitting ones first, fastest first."""
     tps = [a.tp] if a.tp else [t for t in (1, 2, 4, 8) if t <= a.gpus_per_node]
     pps = [a.pp] if a.pp else [p for p in range(1, a.n_layer + 1) if a.n_layer % p == 0]
-    recomputes = [a.recompute] if a.recompute else ["none", "selective", "full"]
+    # with FlashAttention there is nothing for selective recomputation to drop: it is the same as none
+    recomputes = [a.recompute] if a.recompute else ["none", "full"] if a.flash_attention else ["none", "selective",
+                                                                                                 "full"]
     out = []
     for tp in tps:
         if a.heads % tp:
@@ -1181,7 +1225,8 @@ def main(args: Args) -> dict:
         raise InputError("--resume: parallel.py does not checkpoint sharded optimizer states; minigpt.py resumes")
     rt = M.setup_runtime(args.device, args.dtype)
     if not dist.is_initialized():  # one process: a group of one, so every strategy runs unchanged
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group("nccl" if rt.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
     layout = make_layout(args.strategy, dist.get_world_size(), args.tp, rt.device.type, args.n_head, args.n_layer,
                          args.batch_size, args.micro_batches)
     master = dist.get_rank() == 0
@@ -1209,7 +1254,8 @@ def main(args: Args) -> dict:
     s = build_strategy(args.strategy, model, layout, Hyper(args.weight_decay, (args.beta1, args.beta2)), rt,
                        args.bucket_mb)
     rows = args.batch_size // (layout.dp * args.micro_batches)
-    theory = theory_bytes(args.strategy, cfg, layout, rows, args.micro_batches, dist.get_rank())
+    theory = theory_bytes(args.strategy, cfg, layout, rows, args.micro_batches, dist.get_rank(),
+                          args.activation_checkpointing)
     if master:
         print(f"{n_params / 1e6:.2f}M parameters; --strategy {args.strategy} on {dist.get_world_size()} process(es): "
               f"dp={layout.dp} tp={layout.tp} pp={layout.pp}; {args.micro_batches} micro-batch(es) of {rows} "
@@ -1225,7 +1271,11 @@ def main(args: Args) -> dict:
         x, y = M.get_batch(train_data, args.batch_size, args.block_size, M.seeded(args.seed, step), "cpu")
         micro = local_micro_batches(x, y, layout, args.micro_batches, rt.device)
         COMM.reset()
-        if step == 1:  # measure the peak memory of one step (after the first, which allocates optimizer state)
+        if step == 2:  # the collectives of one step, seen at the dispatcher: an independent count
+            with CollectiveBytes() as seen:
+                loss, norm = train_step(s, micro, lr, args.grad_clip)
+            history["seen_bytes"] = seen.total
+        elif step == 1:  # measure the peak memory of one step (after the first, which allocates optimizer state)
             if rt.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(rt.device)
                 loss, norm = train_step(s, micro, lr, args.grad_clip)
@@ -1247,10 +1297,11 @@ def main(args: Args) -> dict:
         logger.log(metrics, step + 1, line=(step + 1) % args.log_interval == 0 or step == 0)
 
     # --- what was measured, against the theory ---
-    counted = "not counted (inside torch)" if args.strategy in ("fsdp", "tp-torch") else f"{COMM.total:,.0f}"
+    counted = "-" if args.strategy in ("fsdp", "tp-torch") else f"{COMM.total:,.0f}"  # inside torch: not ours
+    seen = f"{history['seen_bytes']:,.0f}" if "seen_bytes" in history else "-"
     mem = state_bytes(s)
-    report = [f"rank {dist.get_rank()}: bytes sent per step {counted}, theory {theory:,.0f} "
-              f"({', '.join(f'{k} {v:,.0f}' for k, v in COMM.bytes.items()) or '-'}); model state "
+    report = [f"rank {dist.get_rank()}: bytes sent per step: counted {counted}, at the dispatcher {seen}, theory "
+              f"{theory:,.0f} ({', '.join(f'{k} {v:,.0f}' for k, v in COMM.bytes.items()) or '-'}); model state "
               f"{sum(mem.values()) / 2**20:.2f} MiB (params {mem['params'] / 2**20:.2f}, grads "
               f"{mem['grads'] / 2**20:.2f}, optimizer {mem['optimizer'] / 2**20:.2f}); peak memory in a step "
               f"{(history['peak_memory'] or 0) / 2**20:.2f} MiB"]
