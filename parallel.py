@@ -41,7 +41,7 @@ import sys
 import time
 import weakref
 from collections import defaultdict
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -446,17 +446,14 @@ class DataParallel(Strategy):
         return _flag_off(self.buckets, "sync")
 
 
-class _flag_off:
-    """Context manager: obj.<name> is False inside."""
-
-    def __init__(self, obj, name):
-        self.obj, self.name = obj, name
-
-    def __enter__(self):
-        setattr(self.obj, self.name, False)
-
-    def __exit__(self, *exc):
-        setattr(self.obj, self.name, True)
+@contextmanager
+def _flag_off(obj, name: str):
+    """obj.<name> is False inside."""
+    setattr(obj, name, False)
+    try:
+        yield
+    finally:
+        setattr(obj, name, True)
 
 
 class TorchDataParallel(Strategy):
@@ -557,17 +554,13 @@ class FSDP(Strategy):
         self.rt = M.Runtime(rt.device, torch.float32, rt.rank, rt.local_rank, rt.world_size)  # mp_policy, no autocast
         self.make_optimizer()
 
+    @contextmanager
     def no_sync(self):
-        model = self.model
-
-        class _NoSync:
-            def __enter__(self):
-                model.set_requires_gradient_sync(False)
-
-            def __exit__(self, *exc):
-                model.set_requires_gradient_sync(True)
-
-        return _NoSync()
+        self.model.set_requires_gradient_sync(False)  # gradients accumulate unsharded, no reduce-scatter
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
 
     def clip_grad_norm(self, max_norm):
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm if max_norm > 0 else float("inf"))
