@@ -85,7 +85,7 @@ class Args:
     n_embd: int = 128
     """width of the residual stream"""
     block_size: int = 64
-    """context length in tokens"""
+    """context length in tokens (with --init-from, a longer one grows the checkpoint's position embedding)"""
     dropout: float = 0.0
     """dropout on embeddings, attention weights and residual branches (GPT-2 used 0.1)"""
     # --- optimisation ---
@@ -377,6 +377,19 @@ class GPT(nn.Module):
         self.transformer.wte = wte
         self.lm_head.weight = wte.weight
         self.config.vocab_size = vocab_size
+
+    def resize_context(self, block_size: int):
+        """Grow the learned position embedding to block_size rows, to continue training a model at a longer context
+        (sequence-length warmup: train short first, where attention learns fastest, then long; Li et al. 2022, "The
+        stability-efficiency dilemma"). The new positions start as GPT-2 initialises them, N(0, 0.02)."""
+        old = self.transformer.wpe.weight.data
+        if block_size < old.size(0):
+            raise InputError(f"cannot shrink the context from {old.size(0)} to {block_size} tokens")
+        wpe = nn.Embedding(block_size, old.size(1), device=old.device, dtype=old.dtype)
+        nn.init.normal_(wpe.weight, 0.0, 0.02)
+        wpe.weight.data[: old.size(0)] = old
+        self.transformer.wpe = wpe
+        self.config.block_size = block_size
 
     # --- Hugging Face interoperability -------------------------------------------------------------------------
 
@@ -839,6 +852,8 @@ def main(args: Args) -> dict:
                               n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout))
     else:
         model = GPT.from_pretrained(args.init_from, dropout=args.dropout)
+        if args.block_size > model.config.block_size:  # continue at a longer context than the checkpoint's
+            model.resize_context(args.block_size)
         if model.config.vocab_size < tokenizer.vocab_size:
             raise InputError(f"--init-from {args.init_from}: its vocabulary ({model.config.vocab_size}) is smaller "
                              f"than the tokenizer's ({tokenizer.vocab_size}); use --tokenizer gpt2")

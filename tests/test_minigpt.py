@@ -436,3 +436,20 @@ def test_command_line_error_is_one_line_and_exit_status_1(tmp_path):
     assert proc.stderr.strip() == f"error: --data-path {tmp_path / 'nope.txt'}: no such file"
 
 
+
+
+def test_resize_context_keeps_the_model_and_training_continues_at_the_longer_context(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8)).eval()
+    x = torch.randint(0, 11, (2, 8))
+    before = model(x)[0]
+    model.resize_context(20)
+    torch.testing.assert_close(model(x)[0], before)  # the first 8 positions are the old ones
+    assert model.config.block_size == 20 and model(torch.randint(0, 11, (1, 20)))[0].shape == (1, 20, 11)
+    with pytest.raises(InputError, match="cannot shrink the context"):
+        model.resize_context(4)
+    first = M.main(tiny_args(tmp_path / "a", max_iters=20, eval_interval=20))
+    longer = M.main(tiny_args(tmp_path / "b", max_iters=20, eval_interval=20, block_size=48,
+                              init_from=str(first["run_dir"] / "latest")))
+    assert GPT.from_pretrained(str(longer["run_dir"] / "latest")).config.block_size == 48
+    assert longer["val_loss"][20] < first["val_loss"][20]  # it went on from the trained model
