@@ -1380,11 +1380,15 @@ def serve(args: ServeArgs, ready: threading.Event | None = None):
     """Serve the run's adapters (and the router, as model 'auto') until interrupted."""
     rt = setup_runtime(args.device, args.dtype)
     base, tokenizer = load_base(args.base, rt.device)
-    multi, names = build_multi_adapter(base, _adapter_dirs(args), qlora=args.qlora)
+    adapters = _adapter_dirs(args)
     router_dir = Path(args.output_dir) / args.run_name / "router"
     router = load_router(router_dir) if (router_dir / "router.json").exists() else None
-    if router is not None and router.names != names:
-        raise InputError(f"{router_dir}: the router was trained for {router.names}, the adapters are {names}")
+    if router is not None:
+        if set(router.names) != set(adapters):
+            raise InputError(f"{router_dir}: the router was trained for {router.names}, the adapters are "
+                             f"{list(adapters)}")
+        adapters = {n: adapters[n] for n in router.names}  # the router's class i is adapter i
+    multi, names = build_multi_adapter(base, adapters, qlora=args.qlora)
     service = CompletionService(multi, names, tokenizer, router, rt.device, args.max_batch, args.batch_window_ms)
     server = make_server(service, args.host, args.port)
     print(f"serving {service.models()} on http://{args.host}:{server.server_address[1]}/v1/completions")
