@@ -20,7 +20,7 @@ Run it (after sft.py and `python reward_model.py pairs`, which write runs/sft/ a
     python dpo.py --no-precompute-ref           # reference log-probs on the fly instead of once before training
     python dpo.py --lora-rank 8                 # LoRA adapters (merged into the saved model); --qlora: NF4 base
     python dpo.py --device cuda --batch-size 64                   # on a GPU (bf16 autocast)
-    python dpo.py --init-from gpt2 --dataset Anthropic/hh-rlhf --block-size 512   # with a hub
+    python dpo.py --init-from gpt2 --dataset Anthropic/hh-rlhf --max-length 512 --device cuda   # with a hub
 The last checkpoint is a Hugging Face model directory: `GPT2LMHeadModel.from_pretrained("runs/dpo/latest")`; the
 final metrics are in runs/dpo/metrics.json.
 """
@@ -83,6 +83,8 @@ class Args:
     """held-out preference pairs: their accuracy, and their prompts for the samples' gold reward and KL"""
     dataset: str | None = None
     """a Hugging Face preference data set in the Anthropic/hh-rlhf layout instead (needs `datasets` and the hub)"""
+    max_length: int | None = None
+    """tokens of prompt + response kept (a longer response is cut); default: the model's context"""
     # --- model ---
     init_from: str = "runs/sft/latest"
     """the SFT policy, which is also the frozen reference: a run's checkpoint directory, or a Hugging Face GPT-2"""
@@ -131,12 +133,14 @@ class Args:
     """held-out pairs for the preference accuracy (0: all)"""
     eval_prompts: int = 64
     """fixed held-out prompts whose samples get the gold reward and the KL to the SFT policy"""
-    max_new_tokens: int = 64
-    """tokens per sample"""
+    max_new_tokens: int = 96
+    """longest sampled response, in tokens (as sft.py and reward_model.py's pairs)"""
     temperature: float = 1.0
     """sampling temperature of the evaluation samples (1: samples of the policy itself, which the KL is about)"""
     log_interval: int = 10
     """steps between log lines"""
+    samples_shown: int = 2
+    """held-out prompts whose samples are printed at each evaluation"""
 
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
@@ -356,9 +360,15 @@ def main(args: Args) -> dict:
     run_dir = Path(args.output_dir) / args.run_name
     average = args.loss_type == "ipo"  # IPO compares per-token mean log-probs (see dpo_loss)
 
+    # --- data (read first: a bad file fails before any model is loaded) ---
+    train_rows, train_source = load_pairs(args, "train")
+    test_rows, test_source = load_pairs(args, "test")
+    if args.eval_pairs:
+        test_rows = test_rows[:args.eval_pairs]
+
     # --- the policy and its frozen reference, both the SFT model to begin with ---
     policy, tokenizer = load_policy(args.init_from, dropout=args.dropout)
-    block_size, eot = policy.config.block_size, tokenizer.eot_token
+    block_size, eot = min(policy.config.block_size, args.max_length or 10**9), tokenizer.eot_token
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     if args.lora_rank:
         torch.manual_seed(args.seed)  # LoRA's initial A: the same in every run with this seed
@@ -366,11 +376,7 @@ def main(args: Args) -> dict:
     policy.to(rt.device)
     reference.to(rt.device)
 
-    # --- data: encoded once; reference log-probs of every pair precomputed once (the reference never changes) ---
-    train_rows, train_source = load_pairs(args, "train")
-    test_rows, test_source = load_pairs(args, "test")
-    if args.eval_pairs:
-        test_rows = test_rows[:args.eval_pairs]
+    # --- pairs encoded once; reference log-probs of every pair precomputed once (the reference never changes) ---
     train_pairs, skipped, cut = encode_pairs(train_rows, tokenizer, block_size, train_source, bool(args.dataset))
     test_pairs, _, _ = encode_pairs(test_rows, tokenizer, block_size, test_source, bool(args.dataset))
     if not train_pairs or not test_pairs:
@@ -400,6 +406,8 @@ def main(args: Args) -> dict:
         metrics = preference_metrics("eval", losses, rc, rr, logps[:, 0], logps[:, 1])
         samples = evaluate_policy(policy, tokenizer, eval_prompts, rt, ref_model=reference,
                                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+        for prompt, response in list(zip(eval_prompts, samples["samples"], strict=True))[:args.samples_shown]:
+            tqdm.write(f"  {prompt.strip()!r} -> {response!r}")
         return metrics | {f"eval/{k}": v for k, v in samples.items() if isinstance(v, (int, float))}
 
     def loss_fn(model, batch):
