@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from alignment_task import load_hub_pairs, read_pairs
 from assets import DATA_DIR
-from lora import apply_lora, load_adapter, merge_and_unload, save_adapter
+from lora import apply_lora, load_adapter
 from minigpt import (
     InputError,
     Logger,
@@ -48,11 +48,10 @@ from minigpt import (
     derived_seed,
     load_checkpoint,
     lr_at,
-    save_checkpoint,
     setup_runtime,
     train_step,
 )
-from sft import encode_example, evaluate_policy, load_policy, padded_batch
+from sft import encode_example, evaluate_policy, load_policy, padded_batch, save_policy
 
 
 @dataclass
@@ -300,7 +299,7 @@ def preference_metrics(prefix: str, losses, chosen_rewards, rejected_rewards, ch
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints, and LoRA
+# LoRA, and resuming (checkpoints are written by sft.save_policy: the merged policy, plus the adapter with LoRA)
 
 
 def add_lora(policy, args: Args):
@@ -309,29 +308,9 @@ def add_lora(policy, args: Args):
     return policy
 
 
-class MergedLoRA:
-    """What a checkpoint of a LoRA policy holds, given to minigpt's save_checkpoint in place of the model: the merged
-    policy (W + scale B A, a plain GPT directory that load_pretrained and transformers load, what the next stage of
-    the pipeline wants) and, in adapter/, the adapter itself (PEFT's layout), from which --resume continues exactly.
-    The adapter has its own folder because transformers takes a directory holding adapter_config.json for a PEFT
-    adapter rather than a model."""
-
-    def __init__(self, policy, base: str):
-        self.policy, self.base = policy, base
-
-    def save_pretrained(self, path):
-        merge_and_unload(copy.deepcopy(self.policy)).save_pretrained(path)
-        save_adapter(self.policy, Path(path) / "adapter", {"base": self.base})
-
-
-def save_state(run_dir: Path, policy, optimizer, step: int, meta: dict, lora: bool):
-    """runs/<run>/step-NNNNNN/ through minigpt's save_checkpoint (complete before `latest` points to it): a Hugging
-    Face model directory (the merged model with LoRA), the optimizer state and the run's metadata."""
-    save_checkpoint(run_dir, MergedLoRA(policy, meta["init_from"]) if lora else policy, optimizer, step, meta)
-
-
 def load_state(run_dir: Path, policy, optimizer, lora: bool) -> dict:
-    """The policy (or its adapter) and the optimizer of runs/<run>/latest; returns the run's metadata."""
+    """The policy (or, with LoRA, its adapter: the base stays the SFT model's) and the optimizer of runs/<run>/latest;
+    returns the run's metadata."""
     if not lora:
         return load_checkpoint(run_dir, policy, optimizer)
     ckpt = run_dir / "latest"
@@ -467,7 +446,8 @@ def main(args: Args) -> dict:
         if (step + 1) % args.eval_interval == 0 or step + 1 == args.max_iters:
             history["eval"][step + 1] = evaluate(step + 1)
             logger.log(history["eval"][step + 1], step + 1)
-            save_state(run_dir, policy, optimizer, step + 1, meta, bool(args.lora_rank))
+            # a plain GPT directory (with LoRA: the merged weights of a copy, and the adapter in adapter/)
+            save_policy(run_dir, policy, optimizer, step + 1, meta, bool(args.lora_rank))
             t0 = time.perf_counter()  # evaluation time is not training throughput
 
     # --- final metrics ---

@@ -256,17 +256,17 @@ class Killed(Exception):
 def test_resumed_run_has_the_losses_of_the_uninterrupted_run(sft_policy, tmp_path, monkeypatch, variant):
     kw = {"full": {}, "lora": dict(lora_rank=4), "on-the-fly reference": dict(precompute_ref=False)}[variant]
     full = D.main(dpo_args(sft_policy, tmp_path, run_name="full", **kw))
-    save = D.save_checkpoint
+    save = D.save_policy
 
-    def save_then_die(run_dir, model, optimizer, step, meta):
-        save(run_dir, model, optimizer, step, meta)
+    def save_then_die(run_dir, model, optimizer, step, meta, lora):
+        save(run_dir, model, optimizer, step, meta, lora)
         if step == 4:
             raise Killed  # the process dies right after the checkpoint at step 4
 
-    monkeypatch.setattr(D, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(D, "save_policy", save_then_die)
     with pytest.raises(Killed):
         D.main(dpo_args(sft_policy, tmp_path, run_name="cut", **kw))
-    monkeypatch.setattr(D, "save_checkpoint", save)
+    monkeypatch.setattr(D, "save_policy", save)
     resumed = D.main(dpo_args(sft_policy, tmp_path, run_name="cut", resume=True, **kw))
     assert sorted(resumed["train_loss"]) == list(range(5, 9))
     assert resumed["train_loss"] == {step: full["train_loss"][step] for step in range(5, 9)}  # exactly, on CPU
