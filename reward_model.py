@@ -130,11 +130,11 @@ class TrainArgs(Args):
     # --- optimisation ---
     margin: float = 0.0
     """Bradley-Terry margin m: loss -log sigmoid(r_chosen - r_rejected - m)"""
-    batch_size: int = 32
+    batch_size: int = 16
     """pairs per micro-batch (per process); chosen and rejected go through the model together"""
     grad_accum_steps: int = 1
     """micro-batches per optimizer step"""
-    max_iters: int = 400
+    max_iters: int = 200
     """optimizer steps"""
     learning_rate: float = 3e-4
     """peak learning rate, reached after the warmup"""
@@ -151,7 +151,7 @@ class TrainArgs(Args):
     grad_clip: float = 1.0
     """clip the global gradient norm to this (0: no clipping)"""
     # --- evaluation, logging, checkpoints ---
-    eval_interval: int = 100
+    eval_interval: int = 50
     """evaluate and checkpoint every this many steps"""
     log_interval: int = 20
     """steps between log lines"""

@@ -99,11 +99,11 @@ class Args:
     qlora: bool = False
     """with --lora-rank: store the frozen base in 4-bit NF4 (QLoRA)"""
     # --- optimisation ---
-    batch_size: int = 32
+    batch_size: int = 16
     """rows per micro-batch (per process): examples when padded, packed rows of block_size tokens with --packing"""
     grad_accum_steps: int = 1
     """micro-batches per optimizer step"""
-    max_iters: int = 300
+    max_iters: int = 400
     """optimizer steps"""
     learning_rate: float = 5e-4
     """peak learning rate, reached after the warmup"""
