@@ -14,7 +14,7 @@ tracking the true one.
   "\\n\\nHuman: {instruction}\\n\\nAssistant:" then " {response}" then the end-of-text token.
 - `gold_reward(prompt, response)`: what users of an aligned model want, from two rule-based judges on PyPI:
   positive and helpful (VADER compound sentiment, Hutto & Gilbert 2014), not toxic (better-profanity's word list),
-  not verbose (a penalty per character past 60). It stands in for human raters; preference pairs labelled with it
+  not verbose (a penalty per character past 40). It stands in for human raters; preference pairs labelled with it
   (optionally with label noise, like disagreeing raters) train the reward model.
 - Preference pairs are JSONL rows {"prompt", "chosen", "rejected"}: the prompt is the formatted prompt (ending with
   "\\n\\nAssistant:"), chosen and rejected the response texts (starting with a space, no end token).
@@ -35,7 +35,7 @@ TASKS = ("continue", "reply", "topic")
 PROMPT_TEMPLATE = "\n\nHuman: {instruction}\n\nAssistant:"
 TEST_PLAYS = ("twelfth_night", "two_gentlemen_of_verona", "winters_tale")  # the tail of minigpt's corpus: its val split
 POEMS = ("lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle", "rape_of_lucrece", "sonnets")
-MAX_LINE = 60  # characters of a line used in a prompt or a response: prompt + response fit a 128-token context
+MAX_LINE = 40  # characters of a line used in a prompt or a response: prompt + response fit a 128-character context
 STOPWORDS = set("""a about above after again against all am an and any are as at be because been before being below
 between both but by can could did do does doing down during each few for from further had has have having he her here
 hers herself him himself his how i if in into is it its itself just me more most my myself no nor not now of off on
@@ -47,7 +47,7 @@ let come go make well yet like may must tis one say said good""".split())
 # ----------------------------------------------------------------------------------------------------------------
 # The gold judge
 
-SENTIMENT_WEIGHT, PROFANITY_PENALTY, VERBOSITY_PER_CHAR, CONCISE_CHARS = 1.0, 1.0, 0.01, 60
+SENTIMENT_WEIGHT, PROFANITY_PENALTY, VERBOSITY_PER_CHAR, CONCISE_CHARS = 1.0, 1.0, 0.01, 40
 
 
 @lru_cache(maxsize=1)
@@ -74,7 +74,7 @@ def gold_reward(prompt: str, response: str) -> float:
 
         gold = VADER compound(response)                      in [-1, 1]: positive and helpful (Hutto & Gilbert 2014)
                - 1.0 * [response contains a profanity]       better-profanity's word list
-               - 0.01 * max(0, characters - 60)              verbosity
+               - 0.01 * max(0, characters - 40)              verbosity (the data's responses are at most 40)
     An empty response scores -1: it helps nobody.
     """
     text = response.strip()

@@ -1,6 +1,6 @@
 """pipeline.py: the whole RLHF pipeline in one command, and the comparisons it makes possible.
 
-    pretrain (minigpt.py, then again at a longer context) -> SFT (sft.py)
+    pretrain (minigpt.py, context 128) -> SFT (sft.py)
     -> preference pairs labelled by the gold judge (reward_model.py pairs) -> reward model (reward_model.py train)
     -> PPO (ppo_rlhf.py) and DPO (dpo.py)
 
@@ -49,21 +49,16 @@ class RunArgs:
     device: str = "auto"
     """'auto' (cuda, then mps, then cpu), or a torch device"""
     output_dir: str = "runs"
-    """directory that holds the runs (minigpt, pretrain, sft, reward_model, ppo, dpo)"""
+    """directory that holds the runs (pretrain, sft, reward_model, ppo, dpo)"""
     reuse: bool = False
     """keep a stage whose output already exists instead of running it again"""
-    # --- the base model: minigpt's default run (context 64), then continued at a context that holds a prompt and
-    # its response (sequence-length warmup: at 256 from the start, a model this small stalls near 2.5 val loss) ---
+    # --- the base model: minigpt at a context that holds a prompt and its response ---
+    pretrain_block_size: int = 128
+    """context of the base model, in characters"""
+    pretrain_batch_size: int = 6
+    """sequences per pretraining step"""
     pretrain_iters: int = 2000
-    """steps of minigpt's default run (runs/minigpt, context 64)"""
-    context_block_size: int = 256
-    """the longer context of the second phase (runs/pretrain), in characters"""
-    context_batch_size: int = 4
-    """sequences per step of the second phase"""
-    context_iters: int = 400
-    """steps of the second phase"""
-    context_learning_rate: float = 5e-4
-    """peak learning rate of the second phase"""
+    """pretraining steps"""
     # --- the comparison ---
     n_compare_prompts: int = 128
     """held-out prompts (unseen plays) each policy answers once, at temperature 1"""
@@ -144,12 +139,9 @@ def stage(name: str, done: Path, reuse: bool, fn, timings: dict):
 def run(args: RunArgs) -> dict:
     out, t_start, timings = Path(args.output_dir), time.perf_counter(), {}
     common = dict(seed=args.seed, device=args.device, output_dir=args.output_dir)
-    stage("pretrain", out / "minigpt" / "latest", args.reuse, lambda: minigpt.main(minigpt.Args(
-        **common, max_iters=args.pretrain_iters)), timings)
-    stage("pretrain at a longer context", out / "pretrain" / "latest", args.reuse, lambda: minigpt.main(minigpt.Args(
-        **common, run_name="pretrain", init_from=str(out / "minigpt" / "latest"), block_size=args.context_block_size,
-        batch_size=args.context_batch_size, max_iters=args.context_iters, learning_rate=args.context_learning_rate,
-        warmup_iters=50, eval_interval=200, sample_tokens=200)), timings)
+    stage("pretrain", out / "pretrain" / "latest", args.reuse, lambda: minigpt.main(minigpt.Args(
+        **common, run_name="pretrain", block_size=args.pretrain_block_size, batch_size=args.pretrain_batch_size,
+        max_iters=args.pretrain_iters, sample_tokens=200)), timings)
     stage("sft", out / "sft" / "latest", args.reuse,
           lambda: sft.main(sft.Args(**common, init_from=str(out / "pretrain" / "latest"))), timings)
     pairs = reward_model.PairsArgs(seed=args.seed, device=args.device, policy=str(out / "sft" / "latest"))

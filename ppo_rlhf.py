@@ -112,8 +112,9 @@ class Args:
     """PPO steps; each samples batch_size responses and trains on them"""
     batch_size: int = 64
     """rollouts (prompt, response) per step"""
-    max_new_tokens: int = 64
-    """longest response in tokens; a response that has not ended by then is cut and penalised"""
+    max_new_tokens: int = 44
+    """longest response in tokens (the offline task's prompts take up to 81 of the 128-token context); a response
+    that has not ended by then is cut and penalised"""
     temperature: float = 1.0
     """sampling temperature of the rollouts; log-probabilities are computed from the same logits / temperature
     (Huang et al. 2022)"""

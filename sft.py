@@ -12,7 +12,7 @@ after. The output, runs/sft/latest, is the policy that reward_model.py, ppo_rlhf
 Hugging Face GPT-2 directory (GPT2LMHeadModel.from_pretrained loads it) with the tokenizer in run.json.
 
 Run it:
-    python minigpt.py --block-size 256 --max-iters 600 --eval-interval 200   # once: the base model (~6 min on CPU)
+    python minigpt.py --run-name pretrain --block-size 128 --batch-size 6   # once: the base model (~7 min on CPU)
     python sft.py                                        # fine-tune it on the alignment task (~4 min on 2 CPU cores)
     python sft.py --packing                              # packed rows: same loss, fewer padding tokens
     python sft.py --resume                               # continue runs/sft exactly where it stopped
@@ -81,14 +81,14 @@ class Args:
     """the held-out JSONL for --data-path (default: its last --n-test rows are held out)"""
     dataset: str | None = None
     """a hub instruction data set in the tatsu-lab/alpaca layout instead (needs `datasets` and the hub)"""
-    n_train: int = 20000
+    n_train: int = 6000
     """training examples of the alignment task"""
     n_test: int = 300
     """held-out examples (unseen plays for the alignment task)"""
     packing: bool = False
     """pack several examples into each row of block_size tokens instead of padding one example per row"""
     # --- model ---
-    init_from: str = "runs/minigpt/latest"
+    init_from: str = "runs/pretrain/latest"
     """the base model: a minigpt checkpoint directory, or a Hugging Face GPT-2 (hub name or directory)"""
     dropout: float = 0.0
     """dropout during fine-tuning"""

@@ -20,9 +20,9 @@ def test_gold_reward_on_hand_written_examples():
     # profanity: -1 on top of the sentiment; whole words only ("class" holds "ass", "Scunthorpe" problem)
     assert A.gold_reward(p, " You bastard.") <= -1.0
     assert A.contains_profanity("what a damn shame") and not A.contains_profanity("a first class passage")
-    # verbosity: 0.01 per character past 60
-    long = " " + "the table " * 12  # 120 characters after strip: neutral, 60 past the limit
-    assert A.gold_reward(p, long) == pytest.approx(-0.01 * (len(long.strip()) - 60))
+    # verbosity: 0.01 per character past 40
+    long = " " + "the table " * 12  # 119 characters after strip: neutral, 79 past the limit
+    assert A.gold_reward(p, long) == pytest.approx(-0.01 * (len(long.strip()) - 40))
     assert A.gold_reward(p, "   ") == -1.0  # empty: helps nobody
 
 
