@@ -13,7 +13,7 @@ def test_gold_reward_on_hand_written_examples():
 
     vader = SentimentIntensityAnalyzer()
     p = A.format_prompt("Say something about love.")
-    kind, cruel = " I love thee, sweet friend, with all my heart.", " I hate thee, vile and wretched villain."
+    kind, cruel = " I love thee, sweet friend.", " I hate thee, vile villain."
     assert A.gold_reward(p, kind) == pytest.approx(vader.polarity_scores(kind.strip())["compound"])
     assert A.gold_reward(p, kind) > 0.7 > -0.7 > A.gold_reward(p, cruel)
     assert A.gold_reward(p, " The table is made of wood.") == 0.0  # neutral, short: no term applies
