@@ -109,8 +109,8 @@ class Args:
     """preference pairs per micro-batch (per process); each pair is two rows of the forward pass"""
     grad_accum_steps: int = 1
     """micro-batches per optimizer step"""
-    max_iters: int = 200
-    """optimizer steps"""
+    max_iters: int = 100
+    """optimizer steps (1,600 pairs at the defaults: ~7 min on 2 busy CPU cores for the 0.8M-parameter SFT policy)"""
     learning_rate: float = 5e-5
     """peak learning rate, reached after the warmup"""
     min_lr: float = 5e-5
@@ -126,7 +126,7 @@ class Args:
     grad_clip: float = 1.0
     """clip the global gradient norm to this (0: no clipping)"""
     # --- evaluation, logging, checkpoints ---
-    eval_interval: int = 50
+    eval_interval: int = 25
     """evaluate on the held-out pairs and prompts, and checkpoint, every this many steps"""
     eval_pairs: int = 400
     """held-out pairs for the preference accuracy (0: all)"""
