@@ -2,11 +2,12 @@
 #   make demo    train the default minigpt (char-level Shakespeare, offline) and print samples
 #   make test    run the test suite
 #   make bench   run the benchmarks (GPT and BERT against transformers', same weights and batch)
+#   make pipeline  pretrain -> SFT -> reward model -> PPO and DPO on the offline alignment task, then the comparison
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench pipeline lint clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +27,9 @@ test: setup
 bench: setup
 	$(PY) bench/bench_minigpt.py
 	$(PY) bench/bench_minibert.py
+
+pipeline: setup
+	$(PY) pipeline.py run
 
 lint: setup
 	$(PY) -m ruff check .
