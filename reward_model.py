@@ -16,7 +16,7 @@ Subcommands:
     score   print the reward of one response
 
 Run it (after `python sft.py`):
-    python reward_model.py pairs                      # ~1 min on 2 CPU cores
+    python reward_model.py pairs                      # ~4 min on 2 CPU cores
     python reward_model.py train                      # ~3 min
     python reward_model.py score --prompt "Say something about love." --response " O, how I love thee!"
     python reward_model.py pairs --label-noise 0.2    # noisy raters
