@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 
 import minigpt
 from assets import DATA_DIR, asset_path
-from minigpt import GPT, InputError, KVCache, Logger, derived_seed, get_tokenizer, seeded, setup_runtime
+from minigpt import GPT, InputError, KVCache, Logger, derived_seed, get_tokenizer, left_pad, seeded, setup_runtime
 
 
 @dataclass
@@ -649,16 +649,6 @@ def encode_examples(examples: list[dict], tokenizer, device) -> tuple[torch.Tens
     return x.to(device), y.to(device)
 
 
-def left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded token ids (N, T) and attention mask, for minigpt's batched generation."""
-    T = max(len(p) for p in prompts)
-    idx = torch.zeros(len(prompts), T, dtype=torch.long)
-    mask = torch.zeros(len(prompts), T, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        idx[i, T - len(p):], mask[i, T - len(p):] = torch.tensor(p), 1
-    return idx.to(device), mask.to(device)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The base model, adapter training, evaluation
 
@@ -736,7 +726,7 @@ def completion_loss(model, examples: list[dict], tokenizer, rt, adapter_id: int 
 @torch.no_grad()
 def generate_rows(model, prompts: list[str], ids: list[int], tokenizer, rt, max_new_tokens: int, stop_at_newline=True):
     """Greedy completions of left-padded prompts, row i on adapter ids[i] (0: the bare base), in one batch."""
-    idx, mask = left_pad([tokenizer.encode(p) for p in prompts], rt.device)
+    idx, mask = left_pad([tokenizer.encode(p) for p in prompts], device=rt.device)
     max_new_tokens = min(max_new_tokens, model.config.block_size - idx.size(1))
     nl = tokenizer.encode("\n")
     with adapter_rows(model, torch.tensor(ids, device=rt.device)), rt.autocast():
@@ -871,7 +861,7 @@ def check_mixed_batch(multi: GPT, names: list[str], merged: dict, requests: list
     prompts = [p for p, _ in requests]
     ids = [names.index(a) + 1 for _, a in requests]
     mixed, _ = generate_rows(multi, prompts, ids, tokenizer, rt, max_new_tokens, stop_at_newline=False)
-    idx, mask = left_pad([tokenizer.encode(p) for p in prompts], rt.device)
+    idx, mask = left_pad([tokenizer.encode(p) for p in prompts], device=rt.device)
     with adapter_rows(multi, torch.tensor(ids, device=rt.device)):
         logits_mixed = multi(idx, attention_mask=mask)[0][:, -1]
     same, max_diff = 0, 0.0
@@ -891,7 +881,7 @@ def serving_throughput(multi: GPT, names: list[str], merged: dict, requests, tok
     ids = [names.index(a) + 1 for _, a in requests]
 
     def gen(model, prompts, rows):
-        idx, mask = left_pad([tokenizer.encode(p) for p in prompts], rt.device)
+        idx, mask = left_pad([tokenizer.encode(p) for p in prompts], device=rt.device)
         with adapter_rows(model, rows), rt.autocast():
             model.generate(idx, new_tokens, temperature=0.0, attention_mask=mask)
 
@@ -1068,7 +1058,7 @@ class CompletionService:
             for j, name in zip(auto, chosen, strict=True):
                 j.adapter = name
                 j.events.put(("adapter", name))
-        idx, mask = left_pad([j.ids for j in batch], self.device)
+        idx, mask = left_pad([j.ids for j in batch], device=self.device)
         rows = torch.tensor([0 if j.adapter == "base" else self.names.index(j.adapter) + 1 for j in batch],
                             device=self.device)
         hold = [max((len(s) for s in j.stop), default=1) - 1 for j in batch]  # text held back: a stop may begin there

@@ -452,6 +452,17 @@ def load_pretrained(name_or_dir: str, dropout: float | None = None):
     return model, tokenizer
 
 
+def left_pad(seqs: list[list[int]], pad_id: int = 0, device="cpu"):
+    """(idx, attention_mask): sequences left-padded to one length, the layout GPT.generate takes for a batch of
+    prompts of different lengths (padded positions are masked, so pad_id never matters)."""
+    T = max(len(s) for s in seqs)
+    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        idx[b, T - len(s):], mask[b, T - len(s):] = torch.tensor(s, dtype=torch.long), 1
+    return idx.to(device), mask.to(device)
+
+
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Draw one token per row from logits (B, vocab): greedy at temperature 0, else softmax(logits / temperature)
     restricted to the top_k tokens and to the nucleus of probability top_p (Holtzman et al. 2020)."""

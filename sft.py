@@ -43,6 +43,7 @@ from minigpt import (
     _sync,
     configure_optimizer,
     derived_seed,
+    left_pad,
     load_checkpoint,
     load_pretrained,
     lr_at,
@@ -234,16 +235,6 @@ def response_logprobs(model, idx, attention_mask=None):
     """(B, T-1): log p(idx[:, t+1] | idx[:, :t+1]) under the model, for every position."""
     logits = model(idx, attention_mask=attention_mask)[0][:, :-1].float()
     return torch.gather(F.log_softmax(logits, dim=-1), 2, idx[:, 1:, None]).squeeze(-1)
-
-
-def left_pad(seqs: list[list[int]], pad_id: int, device="cpu"):
-    """(idx, attention_mask): sequences left-padded to one length, the layout batched generation needs."""
-    T = max(len(s) for s in seqs)
-    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        idx[b, T - len(s):], mask[b, T - len(s):] = torch.tensor(s, dtype=torch.long), 1
-    return idx.to(device), mask.to(device)
 
 
 @torch.no_grad()

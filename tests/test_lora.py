@@ -286,7 +286,7 @@ def test_mixed_batch_equals_each_request_on_its_merged_model(bank):
 def test_streamed_decoding_equals_generate(bank):
     base, dirs = bank
     multi, names = lora.build_multi_adapter(base, dirs)
-    idx, mask = lora.left_pad([[1, 2, 3], [4, 5, 6, 7, 8, 9]], "cpu")
+    idx, mask = minigpt.left_pad([[1, 2, 3], [4, 5, 6, 7, 8, 9]])
     rows = torch.tensor([1, 3])
     with lora.adapter_rows(multi, rows):
         ref = multi.generate(idx, 15, temperature=0.0, attention_mask=mask)[:, idx.size(1):]
