@@ -31,7 +31,7 @@ import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -102,7 +102,10 @@ class PairsArgs:
     n_test_prompts: int = 400
     """prompts of the held-out split (unseen plays)"""
     samples_per_prompt: int = 4
-    """responses sampled per prompt; the pair is the gold judge's best and worst of them"""
+    """responses sampled per prompt (K), ranked by the gold judge"""
+    comparisons: Literal["all", "extremes"] = "all"
+    """'all': every pair of a prompt's samples whose gold rewards differ, up to K(K-1)/2 per prompt, as InstructGPT
+    collects rankings of K responses (Ouyang et al. 2022, sec. 3.5); 'extremes': only the best against the worst"""
     label_noise: float = 0.0
     """fraction of pairs whose labels are swapped, to imitate disagreeing human raters"""
     temperature: float = 1.0
@@ -343,7 +346,7 @@ def rank_correlation(a, b) -> float:
 
 
 def make_pairs(args: PairsArgs) -> dict:
-    """Sample responses of the SFT policy, label best vs worst of each prompt's samples by the gold judge."""
+    """Sample K responses of the SFT policy per prompt, rank them by the gold judge, write the pairs it prefers."""
     rt = setup_runtime(args.device, "float32")
     policy, tokenizer = load_policy(args.policy)
     policy.to(rt.device)
@@ -358,15 +361,18 @@ def make_pairs(args: PairsArgs) -> dict:
                                          args.max_new_tokens, args.temperature, None, g, args.batch_size, rt.device)
         rows, ties, flipped = [], 0, 0
         for i, prompt in enumerate(prompts):
-            cands = [t for t in texts[i * k: (i + 1) * k] if t.strip()] or texts[i * k: (i + 1) * k]
-            scored = sorted(((gold_reward(prompt, t), t) for t in cands), key=lambda s: s[0])
-            (lo, worst), (hi, best) = scored[0], scored[-1]
-            if hi - lo < 1e-6 or not worst.strip() or not best.strip():
-                ties += 1  # nothing to prefer (or an empty response, which a pair file may not hold)
-                continue
-            if rng.random() < args.label_noise:
-                (hi, best), (lo, worst), flipped = (lo, worst), (hi, best), flipped + 1
-            rows.append({"prompt": prompt, "chosen": best, "rejected": worst, "chosen_gold": hi, "rejected_gold": lo})
+            # empty responses are left out: a pair file may not hold one (the gold judge gives them -1)
+            scored = sorted(((gold_reward(prompt, t), t) for t in texts[i * k: (i + 1) * k] if t.strip()),
+                            key=lambda s: s[0], reverse=True)
+            if args.comparisons == "extremes":
+                scored = scored[:1] + scored[-1:]
+            pairs = [(a, b) for j, a in enumerate(scored) for b in scored[j + 1:] if a[0] - b[0] > 1e-6]
+            ties += not pairs  # nothing to prefer: every sample scores the same
+            for (hi, best), (lo, worst) in pairs:
+                if rng.random() < args.label_noise:
+                    (hi, best), (lo, worst), flipped = (lo, worst), (hi, best), flipped + 1
+                rows.append({"prompt": prompt, "chosen": best, "rejected": worst, "chosen_gold": hi,
+                             "rejected_gold": lo})
         path = Path(args.out_dir) / f"pairs_{split}.jsonl"
         if not rows:
             raise InputError(f"{args.policy}: every prompt's {k} samples tie under the gold judge: no pairs for "
