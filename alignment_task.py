@@ -171,8 +171,9 @@ def write_jsonl(path: str | Path, rows: list[dict]):
     tmp.replace(path)  # never a half-written file
 
 
-def read_jsonl(path: str | Path, fields: tuple[str, ...]) -> list[dict]:
-    """Rows of a JSONL file, each checked to hold the string fields; a bad line is an error naming file and line."""
+def read_jsonl(path: str | Path, fields: tuple[str, ...], may_be_empty: tuple[str, ...] = ("prompt",)) -> list[dict]:
+    """Rows of a JSONL file, each checked to hold the string fields, non-blank except those in may_be_empty; a bad
+    line is an error naming file and line."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
@@ -189,7 +190,7 @@ def read_jsonl(path: str | Path, fields: tuple[str, ...]) -> list[dict]:
         for f in fields:
             if not isinstance(row.get(f), str):
                 raise InputError(f"{path}, line {i}: missing string field {f!r} (expected fields {list(fields)})")
-            if f != "prompt" and not row[f].strip():
+            if f not in may_be_empty and not row[f].strip():
                 raise InputError(f"{path}, line {i}: field {f!r} is empty")
         rows.append(row)
     if not rows:
@@ -198,8 +199,10 @@ def read_jsonl(path: str | Path, fields: tuple[str, ...]) -> list[dict]:
 
 
 def read_pairs(path: str | Path) -> list[dict]:
-    """Preference pairs {"prompt", "chosen", "rejected"} from a JSONL file."""
-    return read_jsonl(path, ("prompt", "chosen", "rejected"))
+    """Preference pairs {"prompt", "chosen", "rejected"} from a JSONL file. A response may be empty: saying nothing is
+    something a policy does (its end token first), and a reward model that never saw it may score it highest, which
+    PPO finds within a few steps. Instruction data (sft.py) may not hold an empty response."""
+    return read_jsonl(path, ("prompt", "chosen", "rejected"), may_be_empty=("prompt", "chosen", "rejected"))
 
 
 def split_hh_conversation(text: str) -> tuple[str, str]:

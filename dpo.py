@@ -238,12 +238,13 @@ def load_pairs(args: Args, split: str) -> tuple[list[dict], str]:
 def encode_pairs(rows: list[dict], tokenizer, block_size: int, source: str, skip_bad: bool = False):
     """Rows -> ([((chosen ids, n_prompt), (rejected ids, n_prompt)), ...], pairs left out, responses cut) with
     sft.encode_example (prompt tokens, response tokens, end-of-text token; a response longer than the context is cut,
-    as in the DPO reference code). A pair with no room for a response or an empty response is an error naming it, or,
-    with skip_bad (hub data), left out."""
+    as in the DPO reference code; an empty response is the end token alone). A pair with no room for a response is an
+    error naming it, or, with skip_bad (hub data), left out."""
     pairs, skipped, cut = [], 0, 0
     for i, row in enumerate(rows, start=1):
         try:
-            pair = tuple(encode_example(tokenizer, row["prompt"], row[k], block_size) for k in ("chosen", "rejected"))
+            pair = tuple(encode_example(tokenizer, row["prompt"], row[k], block_size, allow_empty=True)
+                         for k in ("chosen", "rejected"))
         except InputError as e:
             if not skip_bad:
                 raise InputError(f"{source}, pair {i}: {e}") from None

@@ -82,7 +82,7 @@ class SweepArgs(RunArgs):
 class OveroptArgs(RunArgs):
     kl_coef: float = 0.005
     """a small KL penalty, so that the policy can travel far from the SFT policy"""
-    total_steps: int = 240
+    total_steps: int = 120
     """PPO steps"""
     learning_rate: float = 2e-4
     """PPO learning rate"""

@@ -256,9 +256,8 @@ def bt_loss(r_chosen, r_rejected, margin: float = 0.0):
 
 
 def encode_sequence(tokenizer, prompt: str, response: str, block_size: int) -> list[int]:
-    """The reward model's input: prompt tokens + response tokens (no end token), the response cut to the context."""
-    if not response.strip():
-        raise InputError("the response is empty")
+    """The reward model's input: prompt tokens + response tokens (no end token), the response cut to the context.
+    An empty response leaves the prompt alone: its score is the reward of saying nothing, as in ppo_rlhf.py."""
     p = tokenizer.encode(prompt)
     if len(p) >= block_size:
         raise InputError(f"the prompt has {len(p)} tokens, the model's context is {block_size}: no room for a response")
@@ -361,9 +360,10 @@ def make_pairs(args: PairsArgs) -> dict:
                                          args.max_new_tokens, args.temperature, None, g, args.batch_size, rt.device)
         rows, ties, flipped = [], 0, 0
         for i, prompt in enumerate(prompts):
-            # empty responses are left out: a pair file may not hold one (the gold judge gives them -1)
-            scored = sorted(((gold_reward(prompt, t), t) for t in texts[i * k: (i + 1) * k] if t.strip()),
-                            key=lambda s: s[0], reverse=True)
+            # empty responses stay (the gold judge gives them -1): a reward model that never saw one can rank saying
+            # nothing above everything, and PPO finds that hole within a few steps
+            scored = sorted(((gold_reward(prompt, t), t) for t in texts[i * k: (i + 1) * k]), key=lambda s: s[0],
+                            reverse=True)
             if args.comparisons == "extremes":
                 scored = scored[:1] + scored[-1:]
             pairs = [(a, b) for j, a in enumerate(scored) for b in scored[j + 1:] if a[0] - b[0] > 1e-6]

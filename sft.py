@@ -139,10 +139,12 @@ class Args:
 # Examples -> token ids with a loss mask
 
 
-def encode_example(tokenizer, prompt: str, response: str, block_size: int) -> tuple[list[int], int]:
+def encode_example(tokenizer, prompt: str, response: str, block_size: int,
+                   allow_empty: bool = False) -> tuple[list[int], int]:
     """(ids, n_prompt): ids = tokens(prompt) + tokens(response) + [end of text]; the loss counts ids[n_prompt:] only.
-    A model reads ids[:-1], so ids may hold block_size + 1 tokens; a longer response is cut (and loses its end)."""
-    if not response.strip():
+    A model reads ids[:-1], so ids may hold block_size + 1 tokens; a longer response is cut (and loses its end).
+    An empty response is an error in instruction data; allow_empty (preference pairs) keeps it as the end token."""
+    if not response.strip() and not allow_empty:
         raise InputError("the response is empty")
     p = tokenizer.encode(prompt)
     if len(p) >= block_size:

@@ -65,9 +65,12 @@ def test_pairs_file_errors_name_the_line(tmp_path):
     path.write_text(json.dumps(good) + "\n{not json\n")
     with pytest.raises(InputError, match="line 2: not valid JSON"):
         A.read_pairs(path)
-    A.write_jsonl(path, [good, {**good, "chosen": "  "}])
-    with pytest.raises(InputError, match="line 2: field 'chosen' is empty"):
-        A.read_pairs(path)
+    # a pair may hold an empty response (a policy can say nothing); instruction data may not
+    A.write_jsonl(path, [good, {**good, "rejected": ""}])
+    assert A.read_pairs(path)[1]["rejected"] == ""
+    A.write_jsonl(path, [{"prompt": "x", "response": " a"}, {"prompt": "x", "response": "  "}])
+    with pytest.raises(InputError, match="line 2: field 'response' is empty"):
+        A.read_jsonl(path, ("prompt", "response"))
     A.write_jsonl(path, [good])
     assert A.read_pairs(path) == [good]
     with pytest.raises(InputError, match="no such file"):

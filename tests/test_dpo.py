@@ -148,6 +148,20 @@ def test_collate_counts_response_tokens_only():
     assert targets.tolist() == [[-100, 7, 8, 1], [-100, 9, 1, -100]]
 
 
+def test_an_empty_response_is_the_end_token_alone():
+    """A pair may hold an empty response: its log-probability is that of the end token right after the prompt."""
+    tok = CharTokenizer("abc :", eot=True)
+    model = tiny_gpt(vocab=tok.vocab_size, seed=3)
+    pairs, skipped, cut = D.encode_pairs([{"prompt": "ab:", "chosen": " cab", "rejected": ""}], tok, 24, "mem")
+    assert (skipped, cut) == (0, 0) and pairs[0][1] == (tok.encode("ab:") + [tok.eot_token], 3)
+    with torch.no_grad():
+        _, rejected = D.concatenated_logps(model, *D.collate_pairs(pairs, tok.eot_token))
+        direct = torch.log_softmax(model(torch.tensor([tok.encode("ab:")]))[0][0, -1], -1)[tok.eot_token]
+    torch.testing.assert_close(rejected[0], direct)
+    with pytest.raises(InputError, match="the response is empty"):  # but not as instruction data
+        sft.encode_example(tok, "ab:", " ", 24)
+
+
 def test_concatenated_forward_equals_separate_forwards():
     model = tiny_gpt(seed=1)
     pairs = random_pairs(4, 23, seed=1)

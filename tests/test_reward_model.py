@@ -11,7 +11,7 @@ import torch
 
 import alignment_task as A
 import reward_model as R
-from minigpt import GPTConfig, InputError
+from minigpt import CharTokenizer, GPTConfig, InputError
 
 
 def tiny_rm(seed=0, vocab=31, block=32):
@@ -91,10 +91,21 @@ def test_pairs_from_a_policy_are_ordered_by_the_gold_judge(tmp_path, tiny_base):
     stats = R.make_pairs(R.PairsArgs(policy=str(tiny_base), out_dir=str(tmp_path), n_train_prompts=24,
                                      n_test_prompts=6, samples_per_prompt=4, max_new_tokens=100, device="cpu"))
     rows = A.read_pairs(tmp_path / "pairs_train.jsonl")
-    assert len(rows) == stats["train"]["pairs"] > 0 and stats["train"]["pairs"] + stats["train"]["ties_skipped"] == 24
+    per_prompt = {}
     for r in rows:
         assert r["chosen_gold"] > r["rejected_gold"]
         assert A.gold_reward(r["prompt"], r["chosen"]) == pytest.approx(r["chosen_gold"])
+        per_prompt.setdefault(r["prompt"], []).append((r["chosen"], r["rejected"]))
+    # every comparison among a prompt's 4 ranked samples: at most 4 * 3 / 2 pairs a prompt
+    assert len(rows) == stats["train"]["pairs"] > len(per_prompt) and max(map(len, per_prompt.values())) <= 6
+    assert len(per_prompt) + stats["train"]["ties_skipped"] == 24
+    # best against worst only: one pair a prompt, the same samples (same seed), so one of the comparisons above
+    R.make_pairs(R.PairsArgs(policy=str(tiny_base), out_dir=str(tmp_path / "ext"), n_train_prompts=24,
+                             n_test_prompts=6, samples_per_prompt=4, max_new_tokens=100, device="cpu",
+                             comparisons="extremes"))
+    extremes = A.read_pairs(tmp_path / "ext" / "pairs_train.jsonl")
+    assert len(extremes) == len(per_prompt)
+    assert all((r["chosen"], r["rejected"]) in per_prompt[r["prompt"]] for r in extremes)
     # an untrained policy's samples are gibberish: neutral, so its pairs differ by length (past 60 characters)
     flipped = R.make_pairs(R.PairsArgs(policy=str(tiny_base), out_dir=str(tmp_path / "noisy"), n_train_prompts=24,
                                        n_test_prompts=6, samples_per_prompt=4, max_new_tokens=100, device="cpu",
@@ -132,6 +143,18 @@ def test_reward_model_learns_the_gold_preference_end_to_end(tmp_path, tiny_base)
     long = " " + "And so the night goes on and on, and so the day, and so the night again, my lord, " * 2
     assert R.score(R.ScoreArgs(model=str(latest), prompt="Say something.", response=" Good night.", device="cpu")) > \
         R.score(R.ScoreArgs(model=str(latest), prompt="Say something.", response=long, device="cpu"))
+
+
+def test_an_empty_response_is_scored_on_the_prompt_alone():
+    """Saying nothing has a reward too (the policy can emit its end token first): the score at the prompt's last token,
+    the same reading ppo_rlhf.py makes of an empty rollout."""
+    tok = CharTokenizer("abcdefgh :", eot=True)
+    assert R.encode_sequence(tok, "ab:", "", 16) == tok.encode("ab:")
+    rm = tiny_rm(vocab=tok.vocab_size).eval()
+    with torch.no_grad():
+        empty, other = R.score_texts(rm, tok, ["ab:", "ab:"], ["", " cafe"])
+        alone = rm(torch.tensor([tok.encode("ab:")]), torch.ones(1, 3, dtype=torch.long))
+    assert empty == pytest.approx(alone.item()) and other != pytest.approx(empty)
 
 
 def test_bad_pairs_name_the_line(tmp_path, tiny_base):
