@@ -77,14 +77,29 @@ def gold_reward(prompt: str, response: str) -> float:
                - 0.01 * max(0, characters - 40)              verbosity (the data's responses are at most 40)
     An empty response scores -1: it helps nobody.
     """
+    return sum(gold_terms(response).values())
+
+
+def gold_terms(response: str) -> dict[str, float]:
+    """The gold reward's terms, which sum to it: {"empty": -1} for an empty response, else "sentiment", "profanity"
+    and "verbosity" (what each contributes, 0 where it does not apply)."""
     text = response.strip()
     if not text:
-        return -1.0
+        return {"empty": -1.0}
     vader, words = _judges()
-    sentiment = vader.polarity_scores(text)["compound"]
-    profane = contains_profanity(text, words)
-    return (SENTIMENT_WEIGHT * sentiment - PROFANITY_PENALTY * profane
-            - VERBOSITY_PER_CHAR * max(0, len(text) - CONCISE_CHARS))
+    return {"sentiment": SENTIMENT_WEIGHT * vader.polarity_scores(text)["compound"],
+            "profanity": -PROFANITY_PENALTY * contains_profanity(text, words),
+            "verbosity": -VERBOSITY_PER_CHAR * max(0, len(text) - CONCISE_CHARS)}
+
+
+def deciding_terms(chosen: str, rejected: str) -> str:
+    """Which of the gold judge's terms differ between two responses: 'sentiment', 'verbosity', 'profanity' or 'empty'
+    when one alone does, 'several' otherwise ('none' if they tie on every term)."""
+    a, b = gold_terms(chosen), gold_terms(rejected)
+    if "empty" in a or "empty" in b:
+        return "empty" if a != b else "none"
+    differ = [k for k in a if abs(a[k] - b[k]) > 1e-9]
+    return differ[0] if len(differ) == 1 else "several" if differ else "none"
 
 
 def gold_rewards(prompts: list[str], responses: list[str]) -> list[float]:

@@ -26,7 +26,7 @@ Run it:
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -68,7 +68,7 @@ class RunArgs:
 
 @dataclass
 class SweepArgs(RunArgs):
-    ppo_betas: tuple[float, ...] = (0.02, 0.05, 0.1, 0.3)
+    ppo_betas: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0)
     """KL coefficients of the PPO runs"""
     dpo_betas: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0)
     """betas of the DPO runs"""
@@ -164,8 +164,9 @@ def run(args: RunArgs) -> dict:
             for name in ("sft", "ppo", "dpo")}
     timings["comparison"] = time.perf_counter() - t0
     rm_results = json.loads((out / "reward_model" / "latest" / "results.json").read_text())
-    result = {"policies": rows, "reward_model": {k: rm_results[k] for k in (
-        "heldout_accuracy_final", "judge_pairwise_accuracy", "judge_spearman")}, "timings_s": timings,
+    result = {"policies": rows, "reward_model": {k: rm_results.get(k) for k in (
+        "heldout_accuracy_final", "heldout_accuracy_by_term", "judge_pairwise_accuracy", "judge_spearman")},
+        "timings_s": timings,
         "total_s": time.perf_counter() - t_start, "n_prompts": len(prompts)}
     (out / "pipeline.json").write_text(json.dumps(result, indent=2))
     print_table(result)
@@ -182,6 +183,9 @@ def print_table(result: dict):
               f"{r['kl']:.2f} | {r['length']:.1f} | {r['no_eos']:.2f} |")
     print(f"\nreward model: held-out pairwise accuracy {rm['heldout_accuracy_final']:.3f}, agreement with the gold "
           f"judge on fresh SFT samples {rm['judge_pairwise_accuracy']:.3f} (Spearman {rm['judge_spearman']:.3f})")
+    if rm.get("heldout_accuracy_by_term"):
+        print("held-out accuracy by the term of the gold judge that decides the pair: " + ", ".join(
+            f"{k} {v['accuracy']:.3f} ({v['pairs']})" for k, v in rm["heldout_accuracy_by_term"].items()))
     if result.get("timings_s"):
         print("wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in result["timings_s"].items())
               + f"; total {result['total_s'] / 60:.1f} min")
@@ -200,20 +204,24 @@ def sweep(args: SweepArgs) -> dict:
     sft_model, rm, tokenizer = load_judges(out, rt)
     prompts = compare_prompts(args.n_compare_prompts)
     points = {"ppo": [], "dpo": []}
-    for beta in args.ppo_betas:
-        name = f"sweep/ppo-beta{beta:g}"
-        if not (args.reuse and (out / name / "latest").exists()):
-            ppo_rlhf.main(ppo_rlhf.Args(**common, run_name=name, kl_coef=beta, total_steps=args.ppo_steps,
-                                        policy=str(out / "sft" / "latest"),
-                                        reward_model=str(out / "reward_model" / "latest")))
-        points["ppo"].append({"beta": beta, **judge(out / name / "latest", sft_model, rm, tokenizer, prompts, rt,
-                                                    args.max_new_tokens, args.seed)})
-    for beta in args.dpo_betas:
-        name = f"sweep/dpo-beta{beta:g}"
-        if not (args.reuse and (out / name / "latest").exists()):
-            dpo.main(dpo.Args(**common, run_name=name, beta=beta, init_from=str(out / "sft" / "latest")))
-        points["dpo"].append({"beta": beta, **judge(out / name / "latest", sft_model, rm, tokenizer, prompts, rt,
-                                                    args.max_new_tokens, args.seed)})
+    sft_dir, rm_dir = str(out / "sft" / "latest"), str(out / "reward_model" / "latest")
+    runs = [("ppo", beta, ppo_rlhf.Args(**common, run_name=f"sweep/ppo-beta{beta:g}", kl_coef=beta,
+                                        total_steps=args.ppo_steps, policy=sft_dir, reward_model=rm_dir))
+            for beta in args.ppo_betas]
+    runs += [("dpo", beta, dpo.Args(**common, run_name=f"sweep/dpo-beta{beta:g}", beta=beta, init_from=sft_dir))
+             for beta in args.dpo_betas]
+    for method, beta, run_args in runs:
+        # `pipeline.py run` made this run already where its arguments equal these (all but the name): not again
+        made = (ppo_rlhf.Args(**common, policy=sft_dir, reward_model=rm_dir) if method == "ppo"
+                else dpo.Args(**common, init_from=sft_dir))
+        if replace(run_args, run_name=made.run_name) == made and (out / made.run_name / "latest").exists():
+            run_dir = out / made.run_name
+        else:
+            run_dir = out / run_args.run_name
+            if not (args.reuse and (run_dir / "latest").exists()):
+                (ppo_rlhf.main if method == "ppo" else dpo.main)(run_args)
+        points[method].append({"beta": beta, **judge(run_dir / "latest", sft_model, rm, tokenizer, prompts, rt,
+                                                     args.max_new_tokens, args.seed)})
     base = judge(out / "sft" / "latest", sft_model, rm, tokenizer, prompts, rt, args.max_new_tokens, args.seed)
     (out / "sweep").mkdir(parents=True, exist_ok=True)
     (out / "sweep" / "sweep.json").write_text(json.dumps({"sft": base, **points}, indent=2))

@@ -42,7 +42,7 @@ import tyro
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from alignment_task import format_prompt, gold_reward, make_instructions, read_pairs, write_jsonl
+from alignment_task import deciding_terms, format_prompt, gold_reward, make_instructions, read_pairs, write_jsonl
 from assets import DATA_DIR
 from minigpt import (
     GPT,
@@ -300,19 +300,35 @@ def count_pairs(batch) -> int:
 
 
 @torch.no_grad()
-def pairwise_accuracy(model, pairs, pad_id: int, rt, batch_size: int = 64) -> tuple[float, float]:
-    """(fraction of pairs with r_chosen > r_rejected, mean Bradley-Terry loss)."""
+@torch.no_grad()
+def pair_margins(model, pairs, pad_id: int, rt, batch_size: int = 64) -> torch.Tensor:
+    """r_chosen - r_rejected of every pair (N,), in eval mode."""
+    was_training = model.training
     model.eval()
-    right, loss = 0, 0.0
+    out = []
     for i in range(0, len(pairs), batch_size):
         idx, mask = pair_batch(pairs[i: i + batch_size], pad_id, rt.device)
         with rt.autocast():
             r = model(idx, mask)
         n = idx.size(0) // 2
-        right += int((r[:n] > r[n:]).sum())
-        loss += bt_loss(r[:n], r[n:]).sum().item()
-    model.train()
-    return right / len(pairs), loss / len(pairs)
+        out.append((r[:n] - r[n:]).float().cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def pairwise_accuracy(model, pairs, pad_id: int, rt, batch_size: int = 64) -> tuple[float, float]:
+    """(fraction of pairs with r_chosen > r_rejected, mean Bradley-Terry loss)."""
+    margins = pair_margins(model, pairs, pad_id, rt, batch_size)
+    return (margins > 0).float().mean().item(), bt_loss(margins, torch.zeros_like(margins)).mean().item()
+
+
+def accuracy_by_term(margins: torch.Tensor, rows: list[dict]) -> dict[str, dict]:
+    """Held-out accuracy split by the gold judge's term that decides each pair (alignment_task.deciding_terms): which
+    part of the judge the reward model learned. {term: {"pairs": n, "accuracy": a}}."""
+    groups: dict[str, list[bool]] = {}
+    for m, row in zip(margins.tolist(), rows, strict=True):
+        groups.setdefault(deciding_terms(row["chosen"], row["rejected"]), []).append(m > 0)
+    return {k: {"pairs": len(v), "accuracy": float(np.mean(v))} for k, v in sorted(groups.items())}
 
 
 @torch.no_grad()
@@ -485,7 +501,9 @@ def train(args: TrainArgs) -> dict:
         agree = float(np.mean((scores[a] > scores[b])[differ] == (gold[a] > gold[b])[differ])) if differ.any() \
             else float("nan")  # every fresh pair tied under the gold judge
         rho = rank_correlation(scores, gold)
+        by_term = accuracy_by_term(pair_margins(raw_model, test_data, pad, rt), test_pairs)
         results.update(judge_pairwise_accuracy=agree, judge_spearman=rho, judge_pairs=int(differ.sum()),
+                       heldout_accuracy_by_term=by_term,
                        reward_mean=raw_model.reward_mean, reward_std=raw_model.reward_std,
                        heldout_accuracy_final=history["heldout_accuracy"][max(history["heldout_accuracy"])])
         logger.log({"eval/judge_pairwise_accuracy": agree, "eval/judge_spearman": rho}, args.max_iters)
@@ -496,6 +514,8 @@ def train(args: TrainArgs) -> dict:
               f"{differ.sum()} fresh sample pairs: {agree:.3f}, Spearman {rho:.3f} over {len(texts)} samples; "
               f"normalisation mean {raw_model.reward_mean:+.3f} std {raw_model.reward_std:.3f}; model in "
               f"{run_dir / 'latest'}")
+        print("held-out accuracy by the gold judge's deciding term: " + ", ".join(
+            f"{k} {v['accuracy']:.3f} ({v['pairs']} pairs)" for k, v in by_term.items()))
     logger.finish()
     if rt.world_size > 1:
         dist.destroy_process_group()

@@ -24,6 +24,14 @@ def test_gold_reward_on_hand_written_examples():
     long = " " + "the table " * 12  # 119 characters after strip: neutral, 79 past the limit
     assert A.gold_reward(p, long) == pytest.approx(-0.01 * (len(long.strip()) - 40))
     assert A.gold_reward(p, "   ") == -1.0  # empty: helps nobody
+    # the terms sum to the reward; the deciding term of a pair is the one that differs
+    for r in (kind, cruel, " You bastard.", long, ""):
+        assert sum(A.gold_terms(r).values()) == A.gold_reward(p, r)
+    assert A.gold_terms(long) == {"sentiment": 0.0, "profanity": 0.0, "verbosity": pytest.approx(-0.79)}
+    assert A.deciding_terms(kind, cruel) == "sentiment"
+    assert A.deciding_terms(" The table is made of wood.", long) == "verbosity"
+    assert A.deciding_terms(kind, "") == "empty" and A.deciding_terms(kind, long) == "several"
+    assert A.deciding_terms(" The table.", " The chair.") == "none"
 
 
 def test_profanity_matches_the_package_on_plain_words():

@@ -145,6 +145,14 @@ def test_reward_model_learns_the_gold_preference_end_to_end(tmp_path, tiny_base)
         R.score(R.ScoreArgs(model=str(latest), prompt="Say something.", response=long, device="cpu"))
 
 
+def test_accuracy_by_term_groups_pairs_by_what_decides_them():
+    rows = [{"chosen": " I love thee.", "rejected": " I hate thee."}, {"chosen": " Good.", "rejected": " Bad."},
+            {"chosen": " A table.", "rejected": " a table " * 10}, {"chosen": " A table.", "rejected": ""}]
+    got = R.accuracy_by_term(torch.tensor([1.0, -0.5, 2.0, 0.0]), rows)  # a tie (margin 0) is not a right answer
+    assert got == {"empty": {"pairs": 1, "accuracy": 0.0}, "sentiment": {"pairs": 2, "accuracy": 0.5},
+                   "verbosity": {"pairs": 1, "accuracy": 1.0}}
+
+
 def test_an_empty_response_is_scored_on_the_prompt_alone():
     """Saying nothing has a reward too (the policy can emit its end token first): the score at the prompt's last token,
     the same reading ppo_rlhf.py makes of an empty rollout."""
