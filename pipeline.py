@@ -117,6 +117,12 @@ def judge(policy_dir: str | Path, sft_model, rm, tokenizer, prompts: list[str], 
             "examples": [{"prompt": p, "response": t} for p, t in list(zip(prompts, texts, strict=True))[:3]]}
 
 
+def pair_paths(out: Path, prefix: str, suffix: str = "") -> dict:
+    """The preference pairs of this pipeline (<output-dir>/pairs/), as the keyword arguments of reward_model.py
+    (pairs_train, pairs_test) or dpo.py (train_path, test_path): a run in another output directory leaves these be."""
+    return {f"{prefix}{split}{suffix}": str(out / "pairs" / f"pairs_{split}.jsonl") for split in ("train", "test")}
+
+
 def load_judges(out: Path, rt):
     sft_model, tokenizer = load_pretrained(str(out / "sft" / "latest"))
     rm, _ = reward_model.load_reward_model(out / "reward_model" / "latest")
@@ -144,15 +150,16 @@ def run(args: RunArgs) -> dict:
         max_iters=args.pretrain_iters, sample_tokens=200)), timings)
     stage("sft", out / "sft" / "latest", args.reuse,
           lambda: sft.main(sft.Args(**common, init_from=str(out / "pretrain" / "latest"))), timings)
-    pairs = reward_model.PairsArgs(seed=args.seed, device=args.device, policy=str(out / "sft" / "latest"))
-    stage("pairs", Path(pairs.out_dir) / "pairs_test.jsonl", args.reuse, lambda: reward_model.make_pairs(pairs),
-          timings)
+    pairs = reward_model.PairsArgs(seed=args.seed, device=args.device, policy=str(out / "sft" / "latest"),
+                                   out_dir=str(out / "pairs"))
+    stage("pairs", out / "pairs" / "pairs_test.jsonl", args.reuse, lambda: reward_model.make_pairs(pairs), timings)
     stage("reward_model", out / "reward_model" / "latest" / "results.json", args.reuse, lambda: reward_model.train(
-        reward_model.TrainArgs(**common, init_from=str(out / "sft" / "latest"))), timings)
+        reward_model.TrainArgs(**common, init_from=str(out / "sft" / "latest"), **pair_paths(out, "pairs_"))),
+        timings)
     stage("ppo", out / "ppo" / "latest", args.reuse, lambda: ppo_rlhf.main(ppo_rlhf.Args(
         **common, policy=str(out / "sft" / "latest"), reward_model=str(out / "reward_model" / "latest"))), timings)
     stage("dpo", out / "dpo" / "latest", args.reuse, lambda: dpo.main(dpo.Args(
-        **common, init_from=str(out / "sft" / "latest"))), timings)
+        **common, init_from=str(out / "sft" / "latest"), **pair_paths(out, "", "_path"))), timings)
 
     # --- the comparison: every policy judged on the same prompts, the same way ---
     print("=== comparison")
@@ -208,12 +215,12 @@ def sweep(args: SweepArgs) -> dict:
     runs = [("ppo", beta, ppo_rlhf.Args(**common, run_name=f"sweep/ppo-beta{beta:g}", kl_coef=beta,
                                         total_steps=args.ppo_steps, policy=sft_dir, reward_model=rm_dir))
             for beta in args.ppo_betas]
-    runs += [("dpo", beta, dpo.Args(**common, run_name=f"sweep/dpo-beta{beta:g}", beta=beta, init_from=sft_dir))
-             for beta in args.dpo_betas]
+    runs += [("dpo", beta, dpo.Args(**common, run_name=f"sweep/dpo-beta{beta:g}", beta=beta, init_from=sft_dir,
+                                    **pair_paths(out, "", "_path"))) for beta in args.dpo_betas]
     for method, beta, run_args in runs:
         # `pipeline.py run` made this run already where its arguments equal these (all but the name): not again
         made = (ppo_rlhf.Args(**common, policy=sft_dir, reward_model=rm_dir) if method == "ppo"
-                else dpo.Args(**common, init_from=sft_dir))
+                else dpo.Args(**common, init_from=sft_dir, **pair_paths(out, "", "_path")))
         if replace(run_args, run_name=made.run_name) == made and (out / made.run_name / "latest").exists():
             run_dir = out / made.run_name
         else:
@@ -261,25 +268,28 @@ def overopt(args: OveroptArgs) -> dict:
     import matplotlib.pyplot as plt
 
     out = Path(args.output_dir)
-    res = ppo_rlhf.main(ppo_rlhf.Args(seed=args.seed, device=args.device, output_dir=args.output_dir,
-                                      run_name="overopt", kl_coef=args.kl_coef, total_steps=args.total_steps,
-                                      learning_rate=args.learning_rate, eval_interval=args.eval_interval,
-                                      policy=str(out / "sft" / "latest"),
-                                      reward_model=str(out / "reward_model" / "latest")))
-    train = res["history"]["train"]
+    if not (args.reuse and (out / "overopt" / "history.json").exists()):  # --reuse: plot the finished run again
+        ppo_rlhf.main(ppo_rlhf.Args(seed=args.seed, device=args.device, output_dir=args.output_dir,
+                                    run_name="overopt", kl_coef=args.kl_coef, total_steps=args.total_steps,
+                                    learning_rate=args.learning_rate, eval_interval=args.eval_interval,
+                                    policy=str(out / "sft" / "latest"), reward_model=str(out / "reward_model" / "latest")))
+    history = json.loads((out / "overopt" / "history.json").read_text())
+    train = history["train"]
     steps = [h["step"] for h in train]
     smooth = lambda xs: np.convolve(xs, np.ones(5) / 5, mode="valid")  # noqa: E731  5-step moving average
     fig, ax1 = plt.subplots(figsize=(6.5, 4.2))
     ax1.plot(steps[4:], smooth([h["train/rm_score"] for h in train]), color="tab:blue", label="reward-model score")
     ax1.plot(steps[4:], smooth([h["train/gold_reward"] for h in train]), color="tab:green", label="gold reward")
+    ax1.axhline(train[0]["train/gold_reward"], color="tab:green", ls=":", lw=1, label="gold reward, first rollout (SFT policy)")
     ax1.set_xlabel("PPO step")
     ax1.set_ylabel("reward of samples (5-step mean)")
     ax2 = ax1.twinx()
     ax2.plot(steps[4:], smooth([h["train/kl"] for h in train]), color="gray", ls="--", label="KL to SFT")
     ax2.set_ylabel("KL to the SFT policy, nats")
     lines = ax1.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    ax1.legend(lines, [ln.get_label() for ln in lines], loc="upper left", fontsize=8)
-    ax1.set_title(f"PPO with a small KL penalty (β={args.kl_coef:g}): the proxy rises, the gold reward does not")
+    ax1.legend(lines, [ln.get_label() for ln in lines], loc="center right", fontsize=8)
+    ax1.set_title(f"PPO with a small KL penalty (β={args.kl_coef:g}):\nthe reward model's score rises, the gold reward "
+                  "does not", fontsize=10)
     ax1.grid(alpha=0.3)
     Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -288,7 +298,7 @@ def overopt(args: OveroptArgs) -> dict:
     print(f"gold reward peaked at step {best['step']} ({best['train/gold_reward']:+.3f}, KL {best['train/kl']:.2f}); "
           f"at the end: gold {train[-1]['train/gold_reward']:+.3f}, RM score {train[-1]['train/rm_score']:+.3f}, "
           f"KL {train[-1]['train/kl']:.2f}; figure: {args.figure}")
-    return res
+    return history
 
 
 COMMANDS = {RunArgs: run, SweepArgs: sweep, OveroptArgs: overopt}
