@@ -26,7 +26,7 @@ Run it:
 import json
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -121,6 +121,18 @@ def pair_paths(out: Path, prefix: str, suffix: str = "") -> dict:
     """The preference pairs of this pipeline (<output-dir>/pairs/), as the keyword arguments of reward_model.py
     (pairs_train, pairs_test) or dpo.py (train_path, test_path): a run in another output directory leaves these be."""
     return {f"{prefix}{split}{suffix}": str(out / "pairs" / f"pairs_{split}.jsonl") for split in ("train", "test")}
+
+
+def made_with(run_dir: Path, run_args) -> bool:
+    """Whether run_dir/latest holds a finished run with these arguments (all but its name and --resume)."""
+    meta = run_dir / "latest" / "run.json"
+    if not meta.exists():
+        return False
+    saved, wanted = json.loads(meta.read_text()).get("args", {}), json.loads(json.dumps(asdict(run_args)))
+    ignore = ("run_name", "resume")
+    return ({k: v for k, v in saved.items() if k not in ignore} == {k: v for k, v in wanted.items() if k not in ignore}
+            and json.loads(meta.read_text()).get("step") == getattr(run_args, "total_steps",
+                                                                     getattr(run_args, "max_iters", None)))
 
 
 def load_judges(out: Path, rt):
@@ -218,15 +230,11 @@ def sweep(args: SweepArgs) -> dict:
     runs += [("dpo", beta, dpo.Args(**common, run_name=f"sweep/dpo-beta{beta:g}", beta=beta, init_from=sft_dir,
                                     **pair_paths(out, "", "_path"))) for beta in args.dpo_betas]
     for method, beta, run_args in runs:
-        # `pipeline.py run` made this run already where its arguments equal these (all but the name): not again
-        made = (ppo_rlhf.Args(**common, policy=sft_dir, reward_model=rm_dir) if method == "ppo"
-                else dpo.Args(**common, init_from=sft_dir, **pair_paths(out, "", "_path")))
-        if replace(run_args, run_name=made.run_name) == made and (out / made.run_name / "latest").exists():
-            run_dir = out / made.run_name
-        else:
-            run_dir = out / run_args.run_name
-            if not (args.reuse and (run_dir / "latest").exists()):
-                (ppo_rlhf.main if method == "ppo" else dpo.main)(run_args)
+        run_dir = out / run_args.run_name
+        if made_with(out / method, run_args):  # `pipeline.py run` trained this one already: not again
+            run_dir = out / method
+        elif not (args.reuse and made_with(run_dir, run_args)):
+            (ppo_rlhf.main if method == "ppo" else dpo.main)(run_args)
         points[method].append({"beta": beta, **judge(run_dir / "latest", sft_model, rm, tokenizer, prompts, rt,
                                                      args.max_new_tokens, args.seed)})
     base = judge(out / "sft" / "latest", sft_model, rm, tokenizer, prompts, rt, args.max_new_tokens, args.seed)

@@ -234,7 +234,7 @@ def dpo_args(sft_policy, tmp_path, **kw) -> D.Args:
     base = dict(init_from=str(policy), train_path=str(pairs / "pairs_train.jsonl"),
                 test_path=str(pairs / "pairs_test.jsonl"), output_dir=str(tmp_path / "runs"), batch_size=8,
                 max_iters=8, warmup_iters=2, eval_interval=4, eval_pairs=16, eval_prompts=4, max_new_tokens=16,
-                log_interval=4)
+                log_interval=4, beta=0.1)
     return D.Args(**{**base, **kw})
 
 
