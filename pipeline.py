@@ -17,7 +17,7 @@ Subcommands:
                turns down (Gao et al. 2022, "Scaling laws for reward model overoptimization"), saved as a PNG
 
 Run it:
-    python pipeline.py run                  # ~37 min on 2 busy CPU cores (README); --reuse keeps finished stages
+    python pipeline.py run                  # 23.6 min on 2 idle CPU cores (README); --reuse keeps finished stages
     python pipeline.py run --reuse          # only what is missing, then the table
     python pipeline.py sweep                # after `run`: PPO and DPO at 4 betas each
     python pipeline.py overopt              # after `run`: a long PPO run
