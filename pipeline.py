@@ -128,11 +128,12 @@ def made_with(run_dir: Path, run_args) -> bool:
     meta = run_dir / "latest" / "run.json"
     if not meta.exists():
         return False
-    saved, wanted = json.loads(meta.read_text()).get("args", {}), json.loads(json.dumps(asdict(run_args)))
-    ignore = ("run_name", "resume")
-    return ({k: v for k, v in saved.items() if k not in ignore} == {k: v for k, v in wanted.items() if k not in ignore}
-            and json.loads(meta.read_text()).get("step") == getattr(run_args, "total_steps",
-                                                                     getattr(run_args, "max_iters", None)))
+    saved = json.loads(meta.read_text())
+    wanted = json.loads(json.dumps(asdict(run_args)))  # as JSON holds them: tuples become lists
+    differ = {k for k in saved.get("args", {}).keys() | wanted.keys()
+              if saved.get("args", {}).get(k) != wanted.get(k)}
+    steps = getattr(run_args, "total_steps", getattr(run_args, "max_iters", None))
+    return differ <= {"run_name", "resume"} and saved.get("step") == steps
 
 
 def load_judges(out: Path, rt):
