@@ -29,7 +29,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from assets import asset_path
-from minigpt import InputError
+from training import InputError
 
 TASKS = ("continue", "reply", "topic")
 PROMPT_TEMPLATE = "\n\nHuman: {instruction}\n\nAssistant:"

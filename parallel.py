@@ -58,7 +58,9 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.weak import WeakIdKeyDictionary
 
 import minigpt as M
-from minigpt import GPT, Block, CausalSelfAttention, GPTConfig, InputError
+import training
+from minigpt import GPT, Block, CausalSelfAttention, GPTConfig
+from training import InputError
 
 STRATEGIES = ("ddp", "ddp-torch", "zero1", "fsdp", "tp", "tp-torch", "pp-gpipe", "pp-1f1b", "dp-tp")
 
@@ -297,13 +299,13 @@ class Strategy:
     The default methods are those of a replicated model; each strategy overrides what it changes. `model` is what
     this rank runs forward; `dp_group` the ranks that hold different rows of the batch."""
 
-    def __init__(self, model: nn.Module, layout: Layout, hyper: Hyper, rt: M.Runtime):
+    def __init__(self, model: nn.Module, layout: Layout, hyper: Hyper, rt: training.Runtime):
         self.model, self.layout, self.hyper, self.rt = model, layout, hyper, rt
         self.dp_group = layout.group("dp") if layout.pp == 1 else None
         self.optimizer = None
 
     def make_optimizer(self):
-        self.optimizer = M.configure_optimizer(self.model, 0.0, self.hyper.weight_decay, self.hyper.betas,
+        self.optimizer = training.configure_optimizer(self.model, 0.0, self.hyper.weight_decay, self.hyper.betas,
                                                self.rt.device.type)
 
     def no_sync(self):
@@ -315,7 +317,7 @@ class Strategy:
         total = 0.0
         for i, batch in enumerate(micro_batches):
             with self.no_sync() if i < len(micro_batches) - 1 else nullcontext(), self.rt.autocast():
-                loss_sum = M.lm_loss_sum(self.model, batch)
+                loss_sum = training.lm_loss_sum(self.model, batch)
                 (loss_sum * scale).backward()
             total += loss_sum.item()
         self.reduce_grads()
@@ -363,10 +365,10 @@ class Strategy:
 
 def train_step(s: Strategy, micro_batches, lr: float, grad_clip: float) -> tuple[float, float]:
     """One optimizer step; returns (mean loss per target over the global batch, gradient norm). The normalisation
-    is minigpt.train_step's: the loss is summed over every target of every micro-batch on every rank and divided by
+    is training.train_step's: the loss is summed over every target of every micro-batch on every rank and divided by
     their global number, so any split of the batch gives the gradient of the whole batch."""
     s.zero_grad()
-    n_global = torch.tensor(float(sum(M.count_targets(b) for b in micro_batches)))
+    n_global = torch.tensor(float(sum(training.count_targets(b) for b in micro_batches)))
     if s.dp_group is not None:
         dist.all_reduce(n_global, group=s.dp_group)  # a scalar, not counted
     loss_sum = s.forward_backward(micro_batches, s.layout.dp / n_global.item())
@@ -551,7 +553,7 @@ class FSDP(Strategy):
             fully_shard(block, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
         super().__init__(model, layout, hyper, rt)
-        self.rt = M.Runtime(rt.device, torch.float32, rt.rank, rt.local_rank, rt.world_size)  # mp_policy, no autocast
+        self.rt = training.Runtime(rt.device, torch.float32, rt.rank, rt.local_rank, rt.world_size)  # mp_policy, no autocast
         self.make_optimizer()
 
     @contextmanager
@@ -1194,7 +1196,7 @@ def plan_main(a: PlanArgs) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_strategy(name: str, model: GPT, layout: Layout, hyper: Hyper, rt: M.Runtime, bucket_mb: float = 25.0):
+def build_strategy(name: str, model: GPT, layout: Layout, hyper: Hyper, rt: training.Runtime, bucket_mb: float = 25.0):
     if name == "ddp":
         return DataParallel(model, layout, hyper, rt, bucket_mb)
     if name == "ddp-torch":
@@ -1216,7 +1218,7 @@ def main(args: Args) -> dict:
     # --- processes and layout ---
     if args.resume:
         raise InputError("--resume: parallel.py does not checkpoint sharded optimizer states; minigpt.py resumes")
-    rt = M.setup_runtime(args.device, args.dtype)
+    rt = training.setup_runtime(args.device, args.dtype)
     if not dist.is_initialized():  # one process: a group of one, so every strategy runs unchanged
         dist.init_process_group("nccl" if rt.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                                 world_size=1)
@@ -1255,13 +1257,13 @@ def main(args: Args) -> dict:
               f"sequences per process; device {rt.device} ({rt.dtype})")
 
     # --- training ---
-    logger = M.Logger(args, master)
+    logger = training.Logger(args, master)
     tokens_per_step = args.batch_size * args.block_size
     history = {"train_loss": {}, "bytes": [], "peak_memory": None, "bubble": []}
     t0 = time.perf_counter()
     for step in range(args.max_iters):
-        lr = M.lr_at(step, args.learning_rate, args.min_lr, args.warmup_iters, args.max_iters)
-        x, y = M.get_batch(train_data, args.batch_size, args.block_size, M.seeded(args.seed, step), "cpu")
+        lr = training.lr_at(step, args.learning_rate, args.min_lr, args.warmup_iters, args.max_iters)
+        x, y = M.get_batch(train_data, args.batch_size, args.block_size, training.seeded(args.seed, step), "cpu")
         micro = local_micro_batches(x, y, layout, args.micro_batches, rt.device)
         COMM.reset()
         if step == 2:  # the collectives of one step, seen at the dispatcher: an independent count
@@ -1283,7 +1285,7 @@ def main(args: Args) -> dict:
         history["bytes"].append(COMM.total)
         if isinstance(s, Pipeline):
             history["bubble"].append(s.bubble)
-        M._sync(rt.device)
+        training.sync(rt.device)
         dt, t0 = time.perf_counter() - t0, time.perf_counter()
         metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": norm,
                    "perf/tokens_per_s": tokens_per_step / dt, "comm/bytes_per_step": COMM.total}

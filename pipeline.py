@@ -38,8 +38,10 @@ import minigpt
 import ppo_rlhf
 import reward_model
 import sft
+import training
 from alignment_task import gold_rewards, make_instructions
-from minigpt import InputError, load_pretrained, setup_runtime
+from minigpt import load_pretrained
+from training import InputError, setup_runtime
 
 
 @dataclass
@@ -106,7 +108,7 @@ def judge(policy_dir: str | Path, sft_model, rm, tokenizer, prompts: list[str], 
     policy, _ = load_pretrained(str(policy_dir))
     policy.to(rt.device).eval()
     texts, tokens, ended = sft.generate_responses(policy, tokenizer, prompts, max_new_tokens, 1.0, None,
-                                                  minigpt.seeded(seed, 4242, device=rt.device), device=rt.device)
+                                                  training.seeded(seed, 4242, device=rt.device), device=rt.device)
     kls = sft.sequence_kl(policy, sft_model, tokenizer, prompts, tokens, ended, rt.device)
     scores = [(s - rm.reward_mean) / rm.reward_std
               for s in reward_model.score_texts(rm, tokenizer, prompts, texts, rt.device)]

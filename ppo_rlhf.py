@@ -49,20 +49,20 @@ import tyro
 from tqdm.auto import tqdm
 
 import alignment_task as task
-from minigpt import (
+from minigpt import load_pretrained
+from reward_model import load_reward_model
+from training import (
     InputError,
     Logger,
     Runtime,
     configure_optimizer,
     derived_seed,
     load_checkpoint,
-    load_pretrained,
     lr_at,
     save_checkpoint,
     seeded,
     setup_runtime,
 )
-from reward_model import load_reward_model
 
 
 @dataclass
@@ -492,7 +492,7 @@ def ppo_update(ac: ActorCritic, optimizer, batch: dict, args: Args, rt: Runtime,
 
 
 class TrainState:
-    """What a checkpoint holds besides the policy's weights, as one state dict for minigpt.save_checkpoint's
+    """What a checkpoint holds besides the policy's weights, as one state dict for training.save_checkpoint's
     train_state.pt: the optimizer, the value head (and the separate critic), the KL coefficient."""
 
     def __init__(self, optimizer, ac: ActorCritic, kl_ctl: FixedKLController):

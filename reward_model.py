@@ -44,24 +44,22 @@ from tqdm.auto import tqdm
 
 from alignment_task import deciding_terms, format_prompt, gold_reward, make_instructions, read_pairs, write_jsonl
 from assets import DATA_DIR
-from minigpt import (
-    GPT,
-    GPTConfig,
+from minigpt import GPT, GPTConfig, get_tokenizer
+from sft import generate_responses, load_policy
+from training import (
     InputError,
     Logger,
-    _atomic_write,
-    _sync,
+    atomic_write,
     configure_optimizer,
     derived_seed,
-    get_tokenizer,
     load_checkpoint,
     lr_at,
     save_checkpoint,
     seeded,
     setup_runtime,
+    sync,
     train_step,
 )
-from sft import generate_responses, load_policy
 
 
 @dataclass
@@ -223,8 +221,8 @@ class RewardModel(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         pad = getattr(self, "pad_token_id", None) if pad_token_id is None else pad_token_id
         sd = {**self.gpt.hf_state_dict(), "score.weight": self.score.weight.detach().cpu().contiguous()}
-        _atomic_write(path / "model.safetensors", lambda f: save_file(sd, f, metadata={"format": "pt"}))
-        _atomic_write(path / "config.json", lambda f: Path(f).write_text(json.dumps(self.hf_config(pad), indent=2)))
+        atomic_write(path / "model.safetensors", lambda f: save_file(sd, f, metadata={"format": "pt"}))
+        atomic_write(path / "config.json", lambda f: Path(f).write_text(json.dumps(self.hf_config(pad), indent=2)))
 
     def load_hf_state_dict(self, sd: dict, source: str):
         sd = dict(sd)
@@ -472,7 +470,7 @@ def train(args: TrainArgs) -> dict:
                    for _ in range(args.grad_accum_steps)]
         loss, grad_norm = train_step(model, optimizer, batches, rt, args.grad_clip, loss_fn, count_pairs)
         history["train_loss"][step + 1] = loss
-        _sync(rt.device)
+        sync(rt.device)
         dt, t0 = time.perf_counter() - t0, time.perf_counter()
         bar.set_postfix(loss=f"{loss:.4f}")
         logger.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,

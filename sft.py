@@ -36,20 +36,18 @@ from tqdm.auto import tqdm
 
 from alignment_task import gold_rewards, make_instructions, read_jsonl
 from lora import apply_lora, load_adapter, merge_and_unload, save_adapter
-from minigpt import (
-    CharTokenizer,
+from minigpt import CharTokenizer, left_pad, load_pretrained
+from training import (
     InputError,
     Logger,
-    _sync,
     configure_optimizer,
     derived_seed,
-    left_pad,
     load_checkpoint,
-    load_pretrained,
     lr_at,
     save_checkpoint,
     seeded,
     setup_runtime,
+    sync,
     train_step,
 )
 
@@ -432,7 +430,7 @@ def main(args: Args) -> dict:
                                      count_response_tokens)
         history["train_loss"][step + 1] = loss
 
-        _sync(rt.device)
+        sync(rt.device)
         dt, t0 = time.perf_counter() - t0, time.perf_counter()
         bar.set_postfix(loss=f"{loss:.4f}", resp_tok_s=f"{n_tokens / dt:,.0f}")
         logger.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,

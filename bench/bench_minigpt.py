@@ -26,6 +26,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import minigpt as M  # noqa: E402
+import training
 
 PRESETS = {  # vocab, layers, heads, width, context, training batch, prompt tokens, new tokens
     "demo": dict(vocab_size=84, n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, prompt=8, new=56),
@@ -50,10 +51,10 @@ class Args:
 
 
 def timed(fn, device) -> float:
-    M._sync(device)
+    training.sync(device)
     t0 = time.perf_counter()
     fn()
-    M._sync(device)
+    training.sync(device)
     return time.perf_counter() - t0
 
 
@@ -78,7 +79,7 @@ def peak_memory(step, device) -> tuple[int, str]:
     return saved_activation_bytes(step), "activations saved for backward"
 
 
-def bench(preset: str, args: Args, rt: M.Runtime, peak: float) -> dict:
+def bench(preset: str, args: Args, rt: training.Runtime, peak: float) -> dict:
     p = PRESETS[preset]
     torch.manual_seed(args.seed)
     hf_cfg = GPT2Config(vocab_size=p["vocab_size"], n_positions=p["block_size"], n_embd=p["n_embd"],
@@ -92,7 +93,7 @@ def bench(preset: str, args: Args, rt: M.Runtime, peak: float) -> dict:
 
     # --- training step: the same batch, loss, AdamW and clipping for both ---
     def make_step(model, loss_of):
-        opt = M.configure_optimizer(model, 1e-4, 0.1, device_type=rt.device.type)
+        opt = training.configure_optimizer(model, 1e-4, 0.1, device_type=rt.device.type)
 
         def step():
             with rt.autocast():
@@ -154,8 +155,8 @@ def bench(preset: str, args: Args, rt: M.Runtime, peak: float) -> dict:
 
 
 def main(args: Args) -> dict:
-    rt = M.setup_runtime(args.device, args.dtype)
-    peak = M.measure_matmul_peak(rt.device, rt.dtype)
+    rt = training.setup_runtime(args.device, args.dtype)
+    peak = training.measure_matmul_peak(rt.device, rt.dtype)
     print(f"device {rt.device} ({rt.dtype}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"matmul peak {peak / 1e9:.1f} GFLOP/s (measured)")
     return {name: bench(name, args, rt, peak) for name in args.presets}

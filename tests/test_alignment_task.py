@@ -5,7 +5,7 @@ import json
 import pytest
 
 import alignment_task as A
-from minigpt import InputError
+from training import InputError
 
 
 def test_gold_reward_on_hand_written_examples():

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 import lora
 import minigpt
+import training
 from lora import LoRALinear, NF4Linear, apply_lora, load_adapter, merge_and_unload, save_adapter
 from minigpt import GPT, GPTConfig
 
@@ -112,7 +113,7 @@ def test_adapter_save_load_round_trip(tmp_path):
     assert torch.equal(fresh(x)[0], model(x)[0])
     layers, _, _ = lora.read_adapter(tmp_path / "a")  # the adapter only: A and B of each LoRA module
     assert len(layers) == 8 and all(a.shape[0] == 4 and b.shape[1] == 4 for a, b in layers.values())
-    with pytest.raises(minigpt.InputError, match="adapter_config.json"):
+    with pytest.raises(training.InputError, match="adapter_config.json"):
         load_adapter(random_gpt(), tmp_path / "missing")
 
 
@@ -269,7 +270,7 @@ def test_mixed_batch_equals_each_request_on_its_merged_model(bank):
     multi, names = lora.build_multi_adapter(base, dirs)
     merged = {a: lora.merged_model(base, dirs[a]) for a in names}
     merged["base"] = base
-    tok, rt = Chars(), minigpt.setup_runtime("cpu")
+    tok, rt = Chars(), training.setup_runtime("cpu")
     g = torch.Generator().manual_seed(5)
     prompts = [tok.decode(torch.randint(60, (int(n),), generator=g).tolist()) for n in [3, 9, 5, 12, 7, 2, 10]]
     which = ["a", "b", "c", "base", "c", "a", "b"]

@@ -14,7 +14,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import minigpt as M
-from minigpt import GPT, Args, GPTConfig, InputError
+import training
+from minigpt import GPT, Args, GPTConfig
+from training import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -268,7 +270,7 @@ def test_corpus_is_tokenized_once_and_split_deterministically(tmp_path):
 
 
 def test_lr_schedule_closed_form():
-    lr = lambda it: M.lr_at(it, 1e-3, 1e-4, warmup=10, total=110)
+    lr = lambda it: training.lr_at(it, 1e-3, 1e-4, warmup=10, total=110)
     assert lr(0) == pytest.approx(1e-3 / 11) and lr(9) == pytest.approx(1e-3 * 10 / 11)
     assert lr(10) == pytest.approx(1e-3)
     assert lr(60) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))  # half-way through the cosine
@@ -278,7 +280,7 @@ def test_lr_schedule_closed_form():
 
 def test_weight_decay_only_on_matrices():
     model = small_gpt()
-    decay, no_decay = M.configure_optimizer(model, 1e-3, 0.1).param_groups
+    decay, no_decay = training.configure_optimizer(model, 1e-3, 0.1).param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert {names[id(p)].split(".")[-1] for p in no_decay["params"]} == {"bias", "weight"}  # biases, LN gains
@@ -298,15 +300,15 @@ def masked_batches(seed=0):
 
 def test_gradient_accumulation_equals_one_big_batch():
     x, y = masked_batches()
-    rt = M.Runtime(torch.device("cpu"), torch.float32)
+    rt = training.Runtime(torch.device("cpu"), torch.float32)
     a, b = small_gpt(), small_gpt()
     # SGD: parameters move by the gradient itself (Adam would blow up float noise in the exactly-zero gradient of
     # the key biases, to which softmax is invariant, into steps of size lr)
     opt_a, opt_b = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (a, b))
     micro = [(x[i:i + 4], y[i:i + 4]) for i in (0, 4, 8)]
     for _ in range(3):
-        loss_a, norm_a = M.train_step(a, opt_a, micro, rt, grad_clip=0.5)
-        loss_b, norm_b = M.train_step(b, opt_b, [(x, y)], rt, grad_clip=0.5)
+        loss_a, norm_a = training.train_step(a, opt_a, micro, rt, grad_clip=0.5)
+        loss_b, norm_b = training.train_step(b, opt_b, [(x, y)], rt, grad_clip=0.5)
         assert loss_a == pytest.approx(loss_b, rel=1e-6) and norm_a == pytest.approx(norm_b, rel=1e-5)
     for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
@@ -325,11 +327,11 @@ def _ddp_worker(rank, world, store, out):
     x, y = masked_batches()
     model = torch.nn.parallel.DistributedDataParallel(small_gpt())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    rt = M.Runtime(torch.device("cpu"), torch.float32, rank, rank, world)
+    rt = training.Runtime(torch.device("cpu"), torch.float32, rank, rank, world)
     rows = range(rank * 6, rank * 6 + 6)  # rank 0: rows 0-5, rank 1: rows 6-11, as 2 micro-batches of 3
     micro = [(x[list(rows)[i:i + 3]], y[list(rows)[i:i + 3]]) for i in (0, 3)]
     for _ in range(2):
-        M.train_step(model, opt, micro, rt, grad_clip=0.5)
+        training.train_step(model, opt, micro, rt, grad_clip=0.5)
     if rank == 0:
         torch.save(model.module.state_dict(), out)
     torch.distributed.destroy_process_group()
@@ -346,7 +348,7 @@ def test_ddp_step_equals_single_process(tmp_path):
     single = small_gpt()
     opt = torch.optim.SGD(single.parameters(), lr=0.1)
     for _ in range(2):
-        M.train_step(single, opt, [(x, y)], M.Runtime(torch.device("cpu"), torch.float32), grad_clip=0.5)
+        training.train_step(single, opt, [(x, y)], training.Runtime(torch.device("cpu"), torch.float32), grad_clip=0.5)
     ddp = torch.load(out, weights_only=True)
     for name, p in single.state_dict().items():
         torch.testing.assert_close(ddp[name], p, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
@@ -389,7 +391,7 @@ class Killed(Exception):
 def test_resumed_run_has_the_losses_of_the_uninterrupted_run(tmp_path, monkeypatch):
     kw = dict(dropout=0.1, grad_accum_steps=2, max_iters=12, eval_interval=5)  # dropout and accumulation too
     full = M.main(tiny_args(tmp_path, run_name="full", **kw))["train_loss"]
-    save = M.save_checkpoint
+    save = training.save_checkpoint
 
     def save_then_die(run_dir, model, optimizer, step, meta):
         save(run_dir, model, optimizer, step, meta)

@@ -1,4 +1,4 @@
-"""parallel.py against one process (minigpt.train_step on the same global batch), the published figures of the ZeRO
+"""parallel.py against one process (training.train_step on the same global batch), the published figures of the ZeRO
 and Korthikanti et al. papers, and its own measurements (bytes, memory, pipeline bubble)."""
 
 import datetime
@@ -12,16 +12,17 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import minigpt as M
 import parallel as P
-from minigpt import GPT, GPTConfig, InputError
+import training
+from minigpt import GPT, GPTConfig
+from training import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = GPTConfig(vocab_size=37, block_size=16, n_layer=2, n_head=4, n_embd=32)
 CFG4 = GPTConfig(vocab_size=37, block_size=16, n_layer=4, n_head=4, n_embd=32)  # for 4 pipeline stages
 STEPS, ROWS, MICRO, LR, CLIP, SEED = 3, 8, 2, 3e-3, 0.5, 11
 HYPER = P.Hyper(weight_decay=0.1, betas=(0.9, 0.99))
-CPU = M.Runtime(torch.device("cpu"), torch.float32)
+CPU = training.Runtime(torch.device("cpu"), torch.float32)
 
 
 def global_batch(step: int, cfg=CFG):
@@ -39,10 +40,10 @@ def reference(cfg=CFG, steps=STEPS) -> dict:
     """One process, minigpt's own train_step and AdamW, the whole global batch at once."""
     torch.manual_seed(SEED)
     model = GPT(cfg)
-    opt = M.configure_optimizer(model, LR, HYPER.weight_decay, HYPER.betas)
+    opt = training.configure_optimizer(model, LR, HYPER.weight_decay, HYPER.betas)
     losses, norms = [], []
     for step in range(steps):
-        loss, norm = M.train_step(model, opt, [global_batch(step, cfg)], CPU, CLIP)
+        loss, norm = training.train_step(model, opt, [global_batch(step, cfg)], CPU, CLIP)
         losses.append(loss)
         norms.append(norm)
     return {"losses": losses, "norms": norms, "state": {k: v.clone() for k, v in model.state_dict().items()}}

@@ -11,7 +11,8 @@ import torch
 
 import alignment_task as A
 import reward_model as R
-from minigpt import CharTokenizer, GPTConfig, InputError
+from minigpt import CharTokenizer, GPTConfig
+from training import InputError
 
 
 def tiny_rm(seed=0, vocab=31, block=32):

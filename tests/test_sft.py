@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import minigpt as M
 import sft as S
 from alignment_task import format_prompt, write_jsonl
-from minigpt import InputError
+from training import InputError
 
 
 def tiny_gpt(vocab=23, block=48, seed=0):
