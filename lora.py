@@ -37,7 +37,6 @@ import sys
 import threading
 import time
 import uuid
-import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from hashlib import sha256
@@ -51,8 +50,6 @@ import torch.nn.functional as F
 import tyro
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from tqdm.auto import tqdm
 
 import minigpt
@@ -1172,35 +1169,6 @@ def make_server(service: CompletionService, host: str = "127.0.0.1", port: int =
 # Memory: peak tensor memory of a fine-tuning step
 
 
-class PeakTensorMemory(TorchDispatchMode):
-    """Bytes of every tensor storage alive, tracked operation by operation (forward, backward and the optimizer all
-    dispatch through here): `peak` is the most at any moment, counting the `existing` tensors (the model) too. Used
-    on CPU, where PyTorch keeps no allocator statistics; CUDA has torch.cuda.max_memory_allocated."""
-
-    def __init__(self, existing=()):
-        super().__init__()
-        self.live: dict[int, int] = {}
-        for t in existing:
-            self.live[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        self.now = self.peak = sum(self.live.values())
-
-    def _free(self, key):
-        self.now -= self.live.pop(key, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                st = t.untyped_storage()
-                key = st.data_ptr()
-                if key and key not in self.live:
-                    self.live[key] = st.nbytes()
-                    self.now += st.nbytes()
-                    self.peak = max(self.peak, self.now)
-                    weakref.finalize(st, self._free, key)
-        return out
-
-
 def finetune_peak_memory(model: GPT, rt, batch, steps: int = 2) -> int:
     """Peak bytes of `steps` AdamW steps of model (weights, gradients, optimizer state, activations, temporaries)."""
     opt = training.configure_optimizer(model, 1e-4, 0.0, (0.9, 0.999), rt.device.type)
@@ -1211,7 +1179,7 @@ def finetune_peak_memory(model: GPT, rt, batch, steps: int = 2) -> int:
             training.train_step(model, opt, [batch], rt, 1.0)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
-    with PeakTensorMemory([*model.parameters(), *model.buffers()]) as m:
+    with training.PeakMemory([*model.parameters(), *model.buffers()]) as m:
         for _ in range(steps):
             training.train_step(model, opt, [batch], rt, 1.0)
     return m.peak

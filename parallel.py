@@ -39,7 +39,6 @@ Run it:
 
 import sys
 import time
-import weakref
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -53,9 +52,7 @@ import torch.nn.functional as F
 import tyro
 from torch.distributed.tensor import DTensor, Shard
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint
-from torch.utils.weak import WeakIdKeyDictionary
 
 import minigpt as M
 import training
@@ -938,34 +935,6 @@ def checkpoint_blocks(model: nn.Module) -> int:
     return len(blocks)
 
 
-class PeakMemory(TorchDispatchMode):
-    """Measured peak bytes of tensor storages allocated while active and alive at the same time (what existed before
-    is not counted). Every op's outputs are recorded as they are created; a weak reference to each storage takes
-    its bytes off when it is freed. Works on any device; on CUDA torch.cuda.max_memory_allocated says the same."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.seen = WeakIdKeyDictionary()
-
-    def _freed(self, n, _ref):
-        self.live -= n
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, DTensor):
-                t = t.to_local()
-            if isinstance(t, torch.Tensor) and not t.is_meta:
-                st = t.untyped_storage()
-                n = st.nbytes()
-                if st not in self.seen and n > 0:
-                    self.seen[st] = weakref.ref(st, lambda r, n=n: self._freed(n, r))
-                    self.live += n
-                    self.peak = max(self.peak, self.live)
-        return out
-
-
 def state_bytes(s: Strategy) -> dict:
     """Bytes of the model state this rank holds, counted from its tensors: parameters, gradients, optimizer state
     (the local shard of a DTensor)."""
@@ -1276,7 +1245,7 @@ def main(args: Args) -> dict:
                 loss, norm = train_step(s, micro, lr, args.grad_clip)
                 history["peak_memory"] = torch.cuda.max_memory_allocated(rt.device)
             else:
-                with PeakMemory() as pm:
+                with training.PeakMemory() as pm:
                     loss, norm = train_step(s, micro, lr, args.grad_clip)
                 history["peak_memory"] = pm.peak
         else:

@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import time
+import weakref
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +24,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 from tqdm.auto import tqdm
 
 
@@ -44,7 +49,7 @@ def seeded(*keys: int, device="cpu") -> torch.Generator:
     return torch.Generator(device).manual_seed(derived_seed(*keys))
 
 # ----------------------------------------------------------------------------------------------------------------
-# Device and precision
+# Device, precision and measurement
 
 
 @dataclass
@@ -102,6 +107,40 @@ def measure_matmul_peak(device: torch.device, dtype=torch.float32, reps: int = 3
         a @ b
     sync(device)
     return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+class PeakMemory(TorchDispatchMode):
+    """Peak bytes of tensor storages alive at the same time while active, tracked operation by operation (forward,
+    backward and the optimizer all dispatch through here); the `existing` tensors (a model's weights, say) count from
+    the start. Every op's outputs are recorded as they are created; a weak reference to each storage takes its bytes
+    off when it is freed. Works on any device, including for DTensor shards (their local tensors count); on CUDA
+    torch.cuda.max_memory_allocated says the same, on CPU PyTorch keeps no allocator statistics."""
+
+    def __init__(self, existing=()):
+        super().__init__()
+        self.seen = WeakIdKeyDictionary()
+        self.live = self.peak = 0
+        for t in existing:
+            self._track(t.untyped_storage())
+
+    def _track(self, st):
+        n = st.nbytes()
+        if st not in self.seen and n > 0:
+            self.seen[st] = weakref.ref(st, lambda _ref, n=n: self._freed(n))
+            self.live += n
+            self.peak = max(self.peak, self.live)
+
+    def _freed(self, n):
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, DTensor):
+                t = t.to_local()
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                self._track(t.untyped_storage())
+        return out
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Optimisation

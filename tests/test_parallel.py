@@ -265,7 +265,7 @@ def test_activation_checkpointing_same_gradients_less_memory():
         model = GPT(cfg)
         if ckpt:
             assert P.checkpoint_blocks(model) == 4
-        with P.PeakMemory() as pm:
+        with training.PeakMemory() as pm:
             model(x, y)[1].backward()
         grads.append({k: p.grad for k, p in model.named_parameters()})
         peaks.append(pm.peak)
@@ -280,7 +280,7 @@ def test_activation_checkpointing_same_gradients_less_memory():
 
 
 def test_peak_memory_counts_allocations():
-    with P.PeakMemory() as pm:
+    with training.PeakMemory() as pm:
         a = torch.zeros(1000)  # 4000 bytes
         b = torch.zeros(500)  # 2000 bytes: both alive
         del a
