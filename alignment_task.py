@@ -29,10 +29,10 @@ from functools import lru_cache
 from pathlib import Path
 
 from assets import asset_path
+from minigpt import hh_chat
 from training import InputError
 
 TASKS = ("continue", "reply", "topic")
-PROMPT_TEMPLATE = "\n\nHuman: {instruction}\n\nAssistant:"
 TEST_PLAYS = ("twelfth_night", "two_gentlemen_of_verona", "winters_tale")  # the tail of minigpt's corpus: its val split
 POEMS = ("lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle", "rape_of_lucrece", "sonnets")
 MAX_LINE = 40  # characters of a line used in a prompt or a response: prompt + response fit a 128-character context
@@ -111,8 +111,9 @@ def gold_rewards(prompts: list[str], responses: list[str]) -> list[float]:
 
 
 def format_prompt(instruction: str) -> str:
-    """The chat template (Anthropic hh-rlhf layout); the response follows as ' {text}' and the end-of-text token."""
-    return PROMPT_TEMPLATE.format(instruction=instruction)
+    """The chat template (Anthropic hh-rlhf layout, minigpt.hh_chat); the response follows as ' {text}' and the
+    end-of-text token."""
+    return hh_chat([{"role": "user", "content": instruction}])
 
 
 def parse_speeches(text: str) -> list[list[str]]:

@@ -496,6 +496,23 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
 EOT = "<|endoftext|>"  # GPT-2's end-of-text token, written the same way by both tokenizers
 
 
+def hh_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """The chat template of the models this project pretrains (char-level and GPT-2 BPE): the Anthropic hh-rlhf
+    layout (Bai et al. 2022), "\n\nHuman: {user}\n\nAssistant: {assistant}" per turn, a system message as plain text
+    before the first turn. With add_generation_prompt the text ends with "\n\nAssistant:" and the model's reply
+    follows as " {text}" and the end-of-text token. A chat model's tokenizer brings its own template instead."""
+    roles = {"user": "Human", "assistant": "Assistant"}
+    text = ""
+    for i, m in enumerate(messages):
+        if m["role"] == "system" and i == 0:
+            text += m["content"]
+        elif m["role"] in roles:
+            text += f"\n\n{roles[m['role']]}: {m['content']}"
+        else:
+            raise InputError(f"message {i}: role {m['role']!r}; expected 'user' or 'assistant' (or 'system' first)")
+    return text + ("\n\nAssistant:" if add_generation_prompt else "")
+
+
 class CharTokenizer:
     """One token per character; the vocabulary is the set of characters of the training text. With eot=True one
     more id (after the characters) marks the end of a text, written <|endoftext|> as in GPT-2."""
@@ -524,6 +541,10 @@ class CharTokenizer:
     def decode(self, ids) -> str:
         return "".join(EOT if i == self.eot_token else self.chars[i] for i in ids)
 
+    def chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation as the text the model reads (its chat template): hh_chat."""
+        return hh_chat(messages, add_generation_prompt)
+
     def spec(self) -> dict:
         return {"name": "char", "chars": self.chars} | ({"eot": True} if self.eot_token is not None else {})
 
@@ -551,6 +572,10 @@ class BPETokenizer:
 
     def decode(self, ids) -> str:
         return self.enc.decode(list(ids))
+
+    def chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation as the text the model reads (its chat template): hh_chat."""
+        return hh_chat(messages, add_generation_prompt)
 
     def spec(self) -> dict:
         return {"name": "gpt2"}
