@@ -674,6 +674,28 @@ def sample(model: GPT, tokenizer, args: Args, rt: Runtime) -> str:
     return tokenizer.decode(out[0].tolist())
 
 
+def plot_losses(history: dict, path: Path, title: str):
+    """The training loss of every step (and its 50-step mean) and the validation loss of every evaluation."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no screen
+    import matplotlib.pyplot as plt
+
+    steps, train = list(history["train_loss"]), np.array(list(history["train_loss"].values()))
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.plot(steps, train, color="tab:blue", alpha=0.25, lw=0.8, label="train (one batch)")
+    if len(train) >= 50:
+        ax.plot(steps[49:], np.convolve(train, np.ones(50) / 50, mode="valid"), color="tab:blue",
+                label="train (50-step mean)")
+    ax.plot(list(history["val_loss"]), list(history["val_loss"].values()), "o-", color="tab:orange",
+            label="validation")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats per token)", title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def flops_per_token(cfg: GPTConfig, n_params: int) -> float:
     """Training FLOPs per token: 6N for the matmuls of forward + backward, plus 12 * L * C * T for attention
     scores (Kaplan et al. 2020, sec. 2.1; Chowdhery et al. 2022, appendix B). N excludes position embeddings."""
@@ -743,6 +765,10 @@ def main(args: Args) -> dict:
               f"tokens, {tokens_per_step:,} tokens per step, device {rt.device} ({rt.dtype}), matmul peak "
               f"{peak / 1e9:.0f} GFLOP/s in all")
     history = {"train_loss": {}, "val_loss": {}, "samples": []}
+    if args.resume and (run_dir / "latest" / "history.json").exists():  # the curves so far, as of the checkpoint
+        saved = json.loads((run_dir / "latest" / "history.json").read_text())
+        history = {"train_loss": {int(k): v for k, v in saved["train_loss"].items()},
+                   "val_loss": {int(k): v for k, v in saved["val_loss"].items()}, "samples": saved["samples"]}
     bar = tqdm(range(start, args.max_iters), initial=start, total=args.max_iters, dynamic_ncols=True,
                disable=None if rt.master else True)  # None: a bar on a terminal only, log lines everywhere
     t0 = time.perf_counter()
@@ -773,7 +799,8 @@ def main(args: Args) -> dict:
             if rt.master:
                 history["samples"].append(sample(raw_model, tokenizer, args, rt))
                 tqdm.write(f"--- sample at step {step + 1} ---\n{history['samples'][-1]}\n---")
-                save_checkpoint(run_dir, raw_model, optimizer, step + 1, meta)
+                save_checkpoint(run_dir, raw_model, optimizer, step + 1, meta,
+                                extra=lambda d: (d / "history.json").write_text(json.dumps(history)))
             t0 = time.perf_counter()  # evaluation time is not training throughput
 
     # --- final evaluation on more of the validation split ---
@@ -782,7 +809,9 @@ def main(args: Args) -> dict:
                               args.seed + 1)
         history["final_val_loss"] = final
         logger.log({"eval/final_val_loss": final}, args.max_iters)
-        print(f"final val loss {final:.4f} ({args.final_eval_iters} batches); model in {run_dir / 'latest'}")
+        plot_losses(history, run_dir / "loss.png", f"minigpt: {source}, {raw_model.num_params() / 1e6:.2f}M parameters")
+        print(f"final val loss {final:.4f} ({args.final_eval_iters} batches); model in {run_dir / 'latest'}, loss "
+              f"curves in {run_dir / 'loss.png'}; sample from it: python sample.py {run_dir / 'latest'}")
     logger.finish()
     if rt.world_size > 1:
         dist.destroy_process_group()
