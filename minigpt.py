@@ -22,6 +22,7 @@ The last checkpoint is a Hugging Face model directory: `GPT2LMHeadModel.from_pre
 
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -34,7 +35,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from assets import DATA_DIR, asset_path
@@ -154,9 +155,45 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     layer_norm_epsilon: float = 1e-5
+    # The Llama family (Touvron et al. 2023) as options of the same GPT: arch="llama" swaps learned positions for
+    # rotary embeddings, LayerNorm for RMSNorm, the GELU MLP for SwiGLU, and drops every bias; n_kv_head < n_head
+    # is grouped-query attention. The GPT-2 fields above keep their meaning (n_embd is hidden_size, ...).
+    arch: str = "gpt2"
+    """'gpt2' or 'llama'"""
+    n_kv_head: int | None = None
+    """key/value heads (llama; None: n_head, plain multi-head attention)"""
+    intermediate_size: int | None = None
+    """width of the SwiGLU MLP (llama; None: 4 * n_embd, as GPT-2's MLP)"""
+    rope_theta: float = 10000.0
+    """base of the rotary embedding's frequencies (llama)"""
+    tie_word_embeddings: bool = True
+    """output projection = input embedding (GPT-2 always; Llama models may untie it)"""
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.arch not in ("gpt2", "llama"):
+            raise InputError(f"arch {self.arch!r}: expected 'gpt2' or 'llama'")
+        if self.arch == "gpt2" and (self.n_kv_head not in (None, self.n_head) or not self.tie_word_embeddings):
+            raise InputError("GPT-2 has as many key/value heads as query heads and tied embeddings; use arch='llama'")
+        self.n_kv_head = self.n_kv_head or self.n_head
+        self.intermediate_size = self.intermediate_size or 4 * self.n_embd
+        if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
+            raise InputError(f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head}, and n_head a "
+                             f"multiple of n_kv_head={self.n_kv_head}")
 
     def to_hf(self) -> dict:
-        """The equivalent `transformers.GPT2Config`, as the dict written to config.json."""
+        """The equivalent `transformers` config (GPT2Config or LlamaConfig), as the dict written to config.json."""
+        if self.arch == "llama":
+            return dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=self.vocab_size,
+                        max_position_embeddings=self.block_size, num_hidden_layers=self.n_layer,
+                        num_attention_heads=self.n_head, num_key_value_heads=self.n_kv_head, hidden_size=self.n_embd,
+                        intermediate_size=self.intermediate_size, head_dim=self.n_embd // self.n_head,
+                        hidden_act="silu", rms_norm_eps=self.layer_norm_epsilon, attention_bias=False, mlp_bias=False,
+                        rope_theta=self.rope_theta,
+                        rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+                        attention_dropout=self.dropout, tie_word_embeddings=self.tie_word_embeddings,
+                        initializer_range=0.02, bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id)
         eos = 50256 if self.vocab_size > 50256 else None  # GPT-2 BPE's <|endoftext|>; other vocabularies have none
         return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=self.vocab_size,
                     n_positions=self.block_size, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
@@ -166,6 +203,10 @@ class GPTConfig:
 
     @classmethod
     def from_hf(cls, c: dict, source: str) -> "GPTConfig":
+        if c.get("model_type") == "llama":
+            return cls._from_llama(c, source)
+        if c.get("model_type", "gpt2") != "gpt2":
+            raise InputError(f"{source}: model_type {c['model_type']!r}; this GPT loads 'gpt2' and 'llama'")
         unsupported = {"activation_function": "gelu_new", "scale_attn_by_inverse_layer_idx": False,
                        "reorder_and_upcast_attn": False, "scale_attn_weights": True, "add_cross_attention": False}
         for key, want in unsupported.items():
@@ -177,6 +218,27 @@ class GPTConfig:
                    n_embd=c["n_embd"], dropout=c.get("resid_pdrop", 0.0),
                    layer_norm_epsilon=c.get("layer_norm_epsilon", 1e-5))
 
+    @classmethod
+    def _from_llama(cls, c: dict, source: str) -> "GPTConfig":
+        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+        unsupported = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1,
+                       "rope_type": "default"}
+        for key, want in unsupported.items():
+            got = rope.get(key, "default") if key == "rope_type" else c.get(key, want)
+            if got != want:
+                raise InputError(f"{source}: config has {key}={got!r}; this GPT supports only {want!r}")
+        head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+        if head_dim * c["num_attention_heads"] != c["hidden_size"]:
+            raise InputError(f"{source}: head_dim={head_dim} x {c['num_attention_heads']} heads != hidden_size")
+        return cls(arch="llama", vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"],
+                   n_layer=c["num_hidden_layers"], n_head=c["num_attention_heads"],
+                   n_kv_head=c.get("num_key_value_heads"), n_embd=c["hidden_size"],
+                   intermediate_size=c["intermediate_size"],
+                   rope_theta=rope.get("rope_theta", c.get("rope_theta", 1e4)),
+                   layer_norm_epsilon=c.get("rms_norm_eps", 1e-6), dropout=c.get("attention_dropout", 0.0),
+                   tie_word_embeddings=c.get("tie_word_embeddings", True), bos_token_id=c.get("bos_token_id"),
+                   eos_token_id=c.get("eos_token_id"))
+
 
 class KVCache:
     """Keys and values of every past position, preallocated for `max_len` positions.
@@ -186,7 +248,7 @@ class KVCache:
     """
 
     def __init__(self, n_layer: int, max_len: int):
-        self.k: list[torch.Tensor | None] = [None] * n_layer  # each (B, n_head, max_len, head_dim)
+        self.k: list[torch.Tensor | None] = [None] * n_layer  # each (B, n_kv_head, max_len, head_dim)
         self.v: list[torch.Tensor | None] = [None] * n_layer
         self.max_len, self.len = max_len, 0
 
@@ -235,18 +297,93 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * g: LayerNorm without centring or bias (Zhang & Sennrich 2019, eq. 4), computed
+    in float32 as Llama does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
+
+
+def rotary_cos_sin(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (B or 1, 1, T, head_dim) of the rotary embedding at positions pos (B, T) or (T,) (RoFormer, Su et
+    al. 2021, eq. 34): the pair (i, i + head_dim/2) of a query or key turns by the angle pos * theta^(-2i/head_dim)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
+    angles = pos.float()[..., None] * inv_freq  # (..., T, head_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)  # the half-split layout of Llama's checkpoints, not interleaved
+    return angles.cos().view(-1, 1, pos.size(-1), head_dim), angles.sin().view(-1, 1, pos.size(-1), head_dim)
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate each pair (x_i, x_{i+d/2}) of x (B, nh, T, d) by its angle: (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
+
+class GroupedQueryAttention(nn.Module):
+    """Llama's attention: rotary positions on queries and keys (Su et al. 2021), n_kv_head < n_head key/value heads
+    each shared by a group of n_head / n_kv_head query heads (GQA, Ainslie et al. 2023; n_kv_head = n_head is plain
+    multi-head attention), no biases. The KV cache holds the n_kv_head heads only: the memory GQA saves."""
+
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head
+        self.layer, self.dropout = layer, cfg.dropout
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * self.head_dim, cfg.n_embd, bias=False)
+
+    def forward(self, x, mask=None, cache: KVCache | None = None, rope=None):
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, nkv, T_past + T, hd)
+        # each group of n_head / n_kv_head query heads attends with one key/value head (enable_gqa: no copies)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.n_kv_head != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class SwiGLU(nn.Module):
+    """Llama's MLP: down(silu(gate(x)) * up(x)), a gated linear unit with the SiLU (Swish) gate (Shazeer 2020,
+    "GLU Variants Improve Transformer", eq. 6 without biases)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
 class Block(nn.Module):
     """Pre-LN residual block (GPT-2 paper, sec. 2.3): x + attn(ln(x)), then x + mlp(ln(x))."""
 
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
-        self.attn = CausalSelfAttention(cfg, layer)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
-        self.mlp = MLP(cfg)
+        llama = cfg.arch == "llama"
+        norm = (lambda: RMSNorm(cfg.n_embd, cfg.layer_norm_epsilon)) if llama else (
+            lambda: nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon))
+        self.ln_1 = norm()
+        self.attn = GroupedQueryAttention(cfg, layer) if llama else CausalSelfAttention(cfg, layer)
+        self.ln_2 = norm()
+        self.mlp = SwiGLU(cfg) if llama else MLP(cfg)
 
-    def forward(self, x, mask=None, cache=None):
-        x = x + self.attn(self.ln_1(x), mask, cache)
+    def forward(self, x, mask=None, cache=None, rope=None):
+        """rope: rotary (cos, sin) of the positions, for Llama blocks (GPT-2 adds learned positions at the input)."""
+        h = self.ln_1(x)
+        x = x + (self.attn(h, mask, cache, rope) if rope is not None else self.attn(h, mask, cache))
         return x + self.mlp(self.ln_2(x))
 
 
@@ -258,19 +395,23 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.config = cfg
+        llama = cfg.arch == "llama"
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            **({} if llama else {"wpe": nn.Embedding(cfg.block_size, cfg.n_embd)}),  # Llama: rotary, in attention
             drop=nn.Dropout(cfg.dropout),
             h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
-            ln_f=nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon),
+            ln_f=RMSNorm(cfg.n_embd, cfg.layer_norm_epsilon) if llama else nn.LayerNorm(cfg.n_embd,
+                                                                                          eps=cfg.layer_norm_epsilon),
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied embeddings (Press & Wolf 2017), as in GPT-2
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # tied embeddings (Press & Wolf 2017), as in GPT-2
         # GPT-2 initialisation: N(0, 0.02) weights, zero biases; residual projections scaled by 1/sqrt(2 * n_layer)
-        # because each block adds two of them to the residual stream (GPT-2 paper, sec. 2.3)
+        # because each block adds two of them to the residual stream (GPT-2 paper, sec. 2.3). Llama blocks start
+        # the same way (their residual projections are o_proj and down_proj; RMSNorm gains start at 1).
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
+            if name.endswith(("c_proj.weight", "o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
             elif name.endswith("weight") and p.dim() == 2:
                 nn.init.normal_(p, 0.0, 0.02)
@@ -278,8 +419,8 @@ class GPT(nn.Module):
                 nn.init.zeros_(p)  # LayerNorm weights keep their default of 1
 
     def num_params(self, non_embedding: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())  # the tied lm_head weight is counted once
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        n = sum(p.numel() for p in self.parameters())  # a tied lm_head weight is counted once
+        return n - self.transformer.wpe.weight.numel() if non_embedding and "wpe" in self.transformer else n
 
     def hidden_states(self, idx, attention_mask=None, cache: KVCache | None = None, document_ids=None):
         """Final hidden states (B, T, C), after ln_f.
@@ -316,9 +457,13 @@ class GPT(nn.Module):
             k_pos = torch.arange(past + T, device=idx.device)
             mask = (k_pos <= q_pos[:, None]) & keep[:, None, :]  # (B, T, T_past + T): causal and not padding
             mask = (mask | (k_pos == q_pos[:, None]))[:, None]  # a padding query sees itself, never a row of -inf
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        if self.config.arch == "llama":  # positions enter every attention as rotations of queries and keys
+            rope = rotary_cos_sin(pos, self.config.n_embd // self.config.n_head, self.config.rope_theta)
+            x = self.transformer.drop(self.transformer.wte(idx))  # (B, T, C)
+        else:  # GPT-2: a learned embedding of each position, added to the token's
+            rope, x = None, self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
-            x = block(x, mask, cache)
+            x = block(x, mask, cache, rope)
         if cache is not None:
             cache.len += T
         return self.transformer.ln_f(x)
@@ -404,26 +549,36 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str, dropout: float | None = None) -> "GPT":
-        """Load a Hugging Face GPT-2 checkpoint (a hub name such as 'gpt2', or a local directory) via transformers."""
-        from transformers import GPT2LMHeadModel
+        """Load a Hugging Face GPT-2 or Llama checkpoint: a local directory (read directly: config.json and
+        model.safetensors), a name of the offline models ('smollm2'), or a hub name (through transformers)."""
+        source = resolve_pretrained(name_or_dir)
+        path = Path(source)
+        if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+            config, sd = json.loads((path / "config.json").read_text()), load_file(path / "model.safetensors")
+        else:
+            from transformers import AutoModelForCausalLM
 
-        try:
-            hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
-        except OSError as e:
-            raise InputError(f"cannot load a GPT-2 checkpoint from {name_or_dir!r}: {e}") from e
-        cfg = GPTConfig.from_hf(hf.config.to_dict(), name_or_dir)
+            try:
+                hf = AutoModelForCausalLM.from_pretrained(source)
+            except (OSError, ValueError) as e:
+                raise InputError(f"cannot load a GPT-2 or Llama checkpoint from {name_or_dir!r}: {e}") from e
+            config, sd = hf.config.to_dict(), hf.state_dict()
+        cfg = GPTConfig.from_hf(config, name_or_dir)
         if dropout is not None:
             cfg.dropout = dropout
         model = cls(cfg)
-        model.load_hf_state_dict(hf.state_dict(), name_or_dir)
+        model.load_hf_state_dict(sd, name_or_dir)
         return model
 
     def load_hf_state_dict(self, sd: dict, source: str):
-        """Copy weights named and shaped as in transformers' GPT2LMHeadModel into this model."""
-        sd = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v for k, v in sd.items()
-              if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # old checkpoints keep the causal mask too
-        sd = {k: v.t() if k.endswith(_CONV1D) else v for k, v in sd.items()}
-        if "transformer.wte.weight" in sd:
+        """Copy weights named and shaped as in transformers' GPT2LMHeadModel or LlamaForCausalLM into this model."""
+        if self.config.arch == "llama":
+            sd = {_rename(k, _LLAMA_NAMES, to_ours=True): v for k, v in sd.items()}
+        else:
+            sd = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v for k, v in sd.items()
+                  if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # old checkpoints keep the causal mask too
+            sd = {k: v.t() if k.endswith(_CONV1D) else v for k, v in sd.items()}
+        if self.config.tie_word_embeddings and "transformer.wte.weight" in sd:
             sd.setdefault("lm_head.weight", sd["transformer.wte.weight"])  # tied
         own = self.state_dict()
         if sorted(own) != sorted(sd):
@@ -436,12 +591,18 @@ class GPT(nn.Module):
         self.load_state_dict(sd)
 
     def hf_state_dict(self) -> dict:
-        """The weights named and laid out as transformers' GPT2 models hold them (Conv1D weights transposed)."""
-        return {k: (v.t() if k.endswith(_CONV1D) else v).detach().cpu().contiguous()
-                for k, v in self.state_dict().items() if k != "lm_head.weight"}  # tied to wte: saved once
+        """The weights named and laid out as transformers' GPT2LMHeadModel (Conv1D weights transposed) or
+        LlamaForCausalLM holds them; a tied output projection is saved once, as the input embedding."""
+        tied = self.config.tie_word_embeddings
+        sd = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
+              if not (tied and k == "lm_head.weight")}
+        if self.config.arch == "llama":
+            return {_rename(k, _LLAMA_NAMES, to_ours=False): v for k, v in sd.items()}
+        return {k: v.t().contiguous() if k.endswith(_CONV1D) else v for k, v in sd.items()}
 
     def save_pretrained(self, path: str | Path):
-        """Write config.json and model.safetensors that transformers' GPT2LMHeadModel.from_pretrained loads."""
+        """Write config.json and model.safetensors that transformers' from_pretrained loads (GPT2LMHeadModel or
+        LlamaForCausalLM, as config.json's architectures say)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         sd = self.hf_state_dict()
@@ -449,12 +610,45 @@ class GPT(nn.Module):
         atomic_write(path / "config.json", lambda f: Path(f).write_text(json.dumps(self.config.to_hf(), indent=2)))
 
 
+# Our module names and transformers' LlamaForCausalLM's: prefixes, {i} standing for a layer's index.
+_LLAMA_NAMES = [("transformer.wte.", "model.embed_tokens."), ("transformer.ln_f.", "model.norm."),
+                ("transformer.h.{i}.ln_1.", "model.layers.{i}.input_layernorm."),
+                ("transformer.h.{i}.ln_2.", "model.layers.{i}.post_attention_layernorm."),
+                ("transformer.h.{i}.attn.", "model.layers.{i}.self_attn."),
+                ("transformer.h.{i}.mlp.", "model.layers.{i}.mlp.")]
+
+
+def _rename(key: str, pairs, to_ours: bool) -> str:
+    """key with its prefix translated between our names and transformers' (either way); other keys unchanged."""
+    for ours, theirs in pairs:
+        src, dst = (theirs, ours) if to_ours else (ours, theirs)
+        m = re.match(re.escape(src).replace(r"\{i\}", r"(\d+)"), key)
+        if m:
+            return dst.replace("{i}", m.group(1) if m.groups() else "") + key[m.end():]
+    return key
+
+
+# Models that ship offline (assets.py converts them): a name stands for their directory in every script.
+PRETRAINED = {"smollm2": "smollm2-135m-instruct"}
+
+
+def resolve_pretrained(name_or_dir: str) -> str:
+    """A name of PRETRAINED -> its directory under the assets (fetched by `python assets.py`); anything else as is."""
+    return str(asset_path(PRETRAINED[name_or_dir])) if name_or_dir in PRETRAINED else name_or_dir
+
+
 def load_pretrained(name_or_dir: str, dropout: float | None = None):
-    """(GPT, tokenizer) from a run's checkpoint directory (its run.json names the tokenizer, e.g. runs/minigpt/latest)
-    or from any Hugging Face GPT-2 (a hub name or a directory without run.json: GPT-2's BPE)."""
+    """(GPT, tokenizer) from a run's checkpoint directory (its run.json names the tokenizer, e.g. runs/minigpt/latest),
+    from a directory with a tokenizer.json (a Llama-family model such as 'smollm2'), or from any Hugging Face GPT-2
+    (a hub name or a directory without either: GPT-2's BPE)."""
     model = GPT.from_pretrained(name_or_dir, dropout=dropout)
-    meta = Path(name_or_dir) / "run.json"
-    tokenizer = get_tokenizer(**json.loads(meta.read_text())["tokenizer"]) if meta.exists() else get_tokenizer("gpt2")
+    path = Path(resolve_pretrained(name_or_dir))
+    if (path / "run.json").exists():
+        tokenizer = get_tokenizer(**json.loads((path / "run.json").read_text())["tokenizer"])
+    elif (path / "tokenizer.json").exists():
+        tokenizer = get_tokenizer("hf", path=str(path))
+    else:
+        tokenizer = get_tokenizer("gpt2")
     if model.config.vocab_size < tokenizer.vocab_size:
         raise InputError(f"{name_or_dir}: the model has {model.config.vocab_size} token embeddings, fewer than its "
                          f"tokenizer's {tokenizer.vocab_size}")

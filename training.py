@@ -34,6 +34,31 @@ from tqdm.auto import tqdm
 class InputError(Exception):
     """Bad input from the user (a file, a field, an option): printed as one line, then exit status 1."""
 
+
+@dataclass
+class RunArgs:
+    """The options every training script takes first, with the same names and meanings (a script's own Args
+    inherits them and sets its own run_name)."""
+
+    seed: int = 1337
+    """random seed; every random choice of a run is a function of (seed, rank, step)"""
+    device: str = "auto"
+    """'auto' (cuda, then mps, then cpu), or a torch device such as 'cpu', 'cuda', 'cuda:1'"""
+    dtype: str = "auto"
+    """'auto' (bfloat16 autocast on CUDA where supported, else float32), 'bfloat16' or 'float32'"""
+    compile: bool = False
+    """compile the model with torch.compile"""
+    track: bool = False
+    """log metrics to Weights & Biases (WANDB_MODE=offline works without a network)"""
+    wandb_project: str = "minillm"
+    """Weights & Biases project"""
+    run_name: str = "run"
+    """name of the run: checkpoints go to <output-dir>/<run-name>/"""
+    output_dir: str = "runs"
+    """directory that holds the runs"""
+    resume: bool = False
+    """continue the run in <output-dir>/<run-name>/ from its latest checkpoint"""
+
 # ----------------------------------------------------------------------------------------------------------------
 # Seeded draws
 
@@ -146,21 +171,24 @@ class PeakMemory(TorchDispatchMode):
 # Optimisation
 
 
-def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95), device_type="cpu"):
+def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95), device_type="cpu",
+                        eps: float = 1e-8):
     """AdamW (Loshchilov & Hutter 2019); weight decay on matrices (linears, embeddings) only, not on biases and
     LayerNorm gains. Fused kernel on CUDA."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device_type == "cuda")
 
 
-def lr_at(it: int, lr: float, min_lr: float, warmup: int, total: int) -> float:
-    """Linear warmup over `warmup` steps, then cosine decay to min_lr at `total` (Loshchilov & Hutter 2017)."""
+def lr_at(it: int, lr: float, min_lr: float, warmup: int, total: int, decay: str = "cosine") -> float:
+    """Linear warmup over `warmup` steps, then decay to min_lr at `total`: cosine (Loshchilov & Hutter 2017), or
+    linear (BERT's schedule, Devlin et al. 2019, appendix A.2)."""
     if it < warmup:
         return lr * (it + 1) / (warmup + 1)
     progress = min(1.0, (it - warmup) / max(1, total - warmup))
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+    left = 1.0 - progress if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
+    return min_lr + left * (lr - min_lr)
 
 
 def lm_loss_sum(model, batch):

@@ -393,8 +393,8 @@ def test_resumed_run_has_the_losses_of_the_uninterrupted_run(tmp_path, monkeypat
     full = M.main(tiny_args(tmp_path, run_name="full", **kw))["train_loss"]
     save = training.save_checkpoint
 
-    def save_then_die(run_dir, model, optimizer, step, meta):
-        save(run_dir, model, optimizer, step, meta)
+    def save_then_die(run_dir, model, optimizer, step, meta, extra=None):
+        save(run_dir, model, optimizer, step, meta, extra)
         if step == 5:
             raise Killed  # the process dies right after the checkpoint at step 5
 
@@ -402,10 +402,12 @@ def test_resumed_run_has_the_losses_of_the_uninterrupted_run(tmp_path, monkeypat
     with pytest.raises(Killed):
         M.main(tiny_args(tmp_path, run_name="cut", **kw))
     monkeypatch.setattr(M, "save_checkpoint", save)
-    resumed = M.main(tiny_args(tmp_path, run_name="cut", resume=True, **kw))["train_loss"]
-    assert sorted(resumed) == list(range(6, 13))
-    assert resumed == {step: full[step] for step in range(6, 13)}  # exactly equal on CPU
+    resumed = M.main(tiny_args(tmp_path, run_name="cut", resume=True, **kw))
+    # steps 1-5 come from the checkpoint's history.json, 6-12 were trained again: the whole run's curves
+    assert resumed["train_loss"] == full  # exactly equal on CPU
+    assert sorted(resumed["val_loss"]) == [5, 10, 12]
     assert full[12] != full[6]
+    assert (tmp_path / "runs" / "cut" / "loss.png").stat().st_size > 10_000  # the curves, drawn
 
 
 def test_checkpoint_of_another_shape_is_a_clear_error(tmp_path):

@@ -1,5 +1,5 @@
-"""parallel.py against one process (training.train_step on the same global batch), the published figures of the ZeRO
-and Korthikanti et al. papers, and its own measurements (bytes, memory, pipeline bubble)."""
+"""parallel.py and the strategies it runs (data_parallel.py, model_parallel.py) against one process
+(training.train_step on the same global batch), and against its own measurements (bytes, memory, pipeline bubble)."""
 
 import datetime
 import os
@@ -12,6 +12,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import data_parallel as DP
+import model_parallel as MP
 import parallel as P
 import training
 from minigpt import GPT, GPTConfig
@@ -21,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CFG = GPTConfig(vocab_size=37, block_size=16, n_layer=2, n_head=4, n_embd=32)
 CFG4 = GPTConfig(vocab_size=37, block_size=16, n_layer=4, n_head=4, n_embd=32)  # for 4 pipeline stages
 STEPS, ROWS, MICRO, LR, CLIP, SEED = 3, 8, 2, 3e-3, 0.5, 11
-HYPER = P.Hyper(weight_decay=0.1, betas=(0.9, 0.99))
+HYPER = DP.Hyper(weight_decay=0.1, betas=(0.9, 0.99))
 CPU = training.Runtime(torch.device("cpu"), torch.float32)
 
 
@@ -59,13 +61,13 @@ def run_strategy(name: str, world: int, cfg=CFG, tp: int = 0, micro: int = MICRO
     s = P.build_strategy(name, model, layout, HYPER, CPU, bucket_mb=0.004)  # several buckets of 4 kB
     losses, norms, sent = [], [], []
     for step in range(STEPS):
-        P.COMM.reset()
+        DP.COMM.reset()
         with P.CollectiveBytes() as seen:
-            loss, norm = P.train_step(s, P.local_micro_batches(*global_batch(step, cfg), layout, micro, "cpu"), LR,
+            loss, norm = DP.train_step(s, DP.local_micro_batches(*global_batch(step, cfg), layout, micro, "cpu"), LR,
                                       CLIP)
         losses.append(loss)
         norms.append(norm)
-        sent.append((P.COMM.total, seen.total))
+        sent.append((DP.COMM.total, seen.total))
     rows = ROWS // (layout.dp * micro)
     theory = P.theory_bytes(name, cfg, layout, rows, micro, dist.get_rank(), recompute=ckpt)
     per_rank = [None] * world
@@ -97,7 +99,7 @@ class SleepStage:
 def measure_bubble(kind: str, n_micro: int) -> tuple[float, int]:
     stage, world = dist.get_rank(), dist.get_world_size()
     runner = SleepStage((2, 3), 0.03, 0.06, stage == 0)
-    bubbles = [P.run_pipeline(runner, P.pipeline_schedule(kind, n_micro, world, stage), stage, world, (2, 3), "cpu")
+    bubbles = [MP.run_pipeline(runner, MP.pipeline_schedule(kind, n_micro, world, stage), stage, world, (2, 3), "cpu")
                for _ in range(2)]
     return min(bubbles), runner.max_in_flight
 
@@ -189,6 +191,15 @@ def test_strategy_equals_single_process(two, ref, name):
     assert_same_training(two[name], ref)
 
 
+def test_every_strategy_on_one_process(tmp_path):
+    """A group of one (what `python parallel.py --strategy S` runs without torchrun): every strategy, the pipelines
+    as a single stage, is the single-process step."""
+    got = launch(tmp_path, 1, [(name, {}) for name in TWO_PROCESS])
+    want = reference()
+    for name in TWO_PROCESS:
+        assert_same_training(got[name], want)
+
+
 def test_dp_x_tp_on_four_processes(tmp_path):
     """2D: tensor parallel in pairs, data parallel across the pairs, on 4 processes; and a 4-stage 1F1B pipeline."""
     got = launch(tmp_path, 4, [("dp-tp", {"tp": 2}), ("pp-1f1b", {"cfg": CFG4, "micro": 4})])
@@ -241,17 +252,6 @@ def test_bubble_measured_matches_theory(two, kind):
     assert [n for _, n in per_rank] == ([4, 4] if kind == "gpipe" else [2, 1])
 
 
-def test_pipeline_schedules():
-    assert P.pipeline_schedule("gpipe", 3, 2, 0) == [("F", 0), ("F", 1), ("F", 2), ("B", 0), ("B", 1), ("B", 2)]
-    assert P.pipeline_schedule("1f1b", 3, 2, 0) == [("F", 0), ("F", 1), ("B", 0), ("F", 2), ("B", 1), ("B", 2)]
-    assert P.pipeline_schedule("1f1b", 3, 2, 1) == [("F", 0), ("B", 0), ("F", 1), ("B", 1), ("F", 2), ("B", 2)]
-    for s in range(4):  # every micro-batch exactly once forward, once backward, forward first
-        ops = P.pipeline_schedule("1f1b", 6, 4, s)
-        assert sorted(ops) == sorted([("F", i) for i in range(6)] + [("B", i) for i in range(6)])
-        assert all(ops.index(("F", i)) < ops.index(("B", i)) for i in range(6))
-    assert [len(P.stage_blocks(10, 4, s)) for s in range(4)] == [3, 3, 2, 2]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Activation checkpointing
 
@@ -287,67 +287,6 @@ def test_peak_memory_counts_allocations():
         c = torch.zeros(250)
     assert pm.peak == 6000 and pm.live == 3000
     del b, c
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Planner against the published figures
-
-
-def test_zero_paper_table():
-    """Rajbhandari et al. 2020, fig. 1: 7.5B parameters, 64 GPUs, mixed-precision Adam (K = 12)."""
-    want = {0: 120.0, 1: 31.4, 2: 16.6, 3: 1.9}
-    for stage, gb in want.items():
-        assert round(P.model_state_memory(7.5e9, 64, stage) / 1e9, 1) == gb
-    # tensor and pipeline parallelism divide the model first
-    assert P.model_state_memory(7.5e9, 8, 1, tp=8) == pytest.approx(P.model_state_memory(7.5e9 / 8, 8, 1))
-    assert P.model_state_memory(7.5e9, 1, 0, pp=4) == pytest.approx(16 * 7.5e9 / 4)
-
-
-def korthikanti_by_parts(s, b, h, a, t=1, sp=False) -> float:
-    """Activation bytes of one layer, listed tensor by tensor as in Korthikanti et al. 2022, sec. 4.1 (16-bit
-    activations, 1-byte dropout masks); with tensor parallelism the parts inside the attention and MLP are split by
-    t, and with sequence parallelism the LayerNorms and dropouts too (sec. 4.2)."""
-    tp_part = lambda n: n / t
-    sp_part = lambda n: n / t if sp else n
-    attention = (sp_part(2 * s * b * h)  # input of the QKV matmul (LayerNorm output)
-                 + tp_part(4 * s * b * h)  # Q and K, for QK^T
-                 + tp_part(2 * a * s * s * b)  # softmax output
-                 + tp_part(a * s * s * b)  # softmax dropout mask
-                 + tp_part(2 * a * s * s * b)  # dropout output, for the product with V
-                 + tp_part(2 * s * b * h)  # V
-                 + tp_part(2 * s * b * h)  # input of the output projection
-                 + sp_part(s * b * h))  # the attention's output dropout mask
-    mlp = (sp_part(2 * s * b * h)  # input of the first linear
-           + tp_part(8 * s * b * h)  # input of GeLU (4h wide)
-           + tp_part(8 * s * b * h)  # input of the second linear
-           + sp_part(s * b * h))  # dropout mask
-    layernorms = sp_part(2 * 2 * s * b * h)  # the inputs of the two LayerNorms
-    return attention + mlp + layernorms
-
-
-@pytest.mark.parametrize("s,b,h,a,t", [(2048, 1, 12288, 96, 1), (2048, 4, 12288, 96, 8), (4096, 1, 8192, 64, 4),
-                                       (512, 8, 1024, 16, 2)])
-def test_activation_memory_formulas(s, b, h, a, t):
-    """sbh(34 + 5as/h) and its tensor-parallel and sequence-parallel forms equal the tensor-by-tensor count."""
-    f = P.activation_memory_per_layer
-    assert f(s, b, h, a) == pytest.approx(s * b * h * (34 + 5 * a * s / h))
-    assert f(s, b, h, a) == pytest.approx(korthikanti_by_parts(s, b, h, a))
-    assert f(s, b, h, a, t) == pytest.approx(korthikanti_by_parts(s, b, h, a, t))
-    assert f(s, b, h, a, t, sp=True) == pytest.approx(korthikanti_by_parts(s, b, h, a, t, sp=True))
-    assert f(s, b, h, a, t, sp=True) == pytest.approx(f(s, b, h, a) / t)
-    assert f(s, b, h, a, t, sp=True, recompute="selective") == pytest.approx(s * b * h * 34 / t)
-    assert f(s, b, h, a, t, recompute="full") == 2 * s * b * h
-
-
-def test_plan_for_70b_fits_and_is_fastest_of_the_fitting(capsys):
-    a = P.PlanArgs()
-    rows = P.plan_main(a)
-    best = rows[0]
-    assert best["fits"] and best["memory"] <= (a.gpu_memory_gb - a.reserve_gb) * 1e9
-    assert best["dp"] * best["tp"] * best["pp"] == a.gpus and best["tp"] <= a.gpus_per_node
-    assert all(r["step"] >= best["step"] for r in rows if r["fits"])
-    assert not P.plan_layout(a, 512, 1, 1, "none")["fits"]  # plain data parallel cannot hold 70B + activations
-    assert "plan: dp=" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------------------------
