@@ -91,13 +91,22 @@ class Args:
     """the last fraction of the token stream is the validation split"""
     # --- model ---
     init_from: str = "scratch"
-    """'scratch', or a Hugging Face GPT-2 checkpoint (a hub name such as 'gpt2', or a local directory)"""
+    """'scratch', 'smollm2' (the offline SmolLM2-135M-Instruct), or a Hugging Face GPT-2 or Llama checkpoint (a hub
+    name such as 'gpt2', or a local directory)"""
     n_layer: int = 4
     """transformer blocks"""
     n_head: int = 4
     """attention heads per block"""
     n_embd: int = 128
     """width of the residual stream"""
+    arch: str = "gpt2"
+    """'gpt2' (learned positions, LayerNorm, GELU MLP) or 'llama' (rotary positions, RMSNorm, SwiGLU, no biases)"""
+    n_kv_head: int | None = None
+    """llama: key/value heads, fewer than --n-head for grouped-query attention (default: --n-head)"""
+    intermediate_size: int | None = None
+    """llama: width of the SwiGLU MLP (default: 4 * n_embd)"""
+    rope_theta: float = 10000.0
+    """llama: base of the rotary embedding's frequencies"""
     block_size: int = 64
     """context length in tokens (with --init-from, a longer one grows the checkpoint's position embedding)"""
     dropout: float = 0.0
@@ -925,7 +934,9 @@ def main(args: Args) -> dict:
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run with this seed
     if args.init_from == "scratch":
         model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
-                              n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout))
+                              n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, arch=args.arch,
+                              n_kv_head=args.n_kv_head, intermediate_size=args.intermediate_size,
+                              rope_theta=args.rope_theta))
     else:
         model = GPT.from_pretrained(args.init_from, dropout=args.dropout)
         if args.block_size > model.config.block_size:  # continue at a longer context than the checkpoint's
