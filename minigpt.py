@@ -655,7 +655,7 @@ def load_pretrained(name_or_dir: str, dropout: float | None = None):
     if (path / "run.json").exists():
         tokenizer = get_tokenizer(**json.loads((path / "run.json").read_text())["tokenizer"])
     elif (path / "tokenizer.json").exists():
-        tokenizer = get_tokenizer("hf", path=str(path))
+        tokenizer = get_tokenizer("hf", path=name_or_dir)
     else:
         tokenizer = get_tokenizer("gpt2")
     if model.config.vocab_size < tokenizer.vocab_size:
@@ -784,16 +784,66 @@ class BPETokenizer:
         return {"name": "gpt2"}
 
 
-def get_tokenizer(name: str, chars: str | None = None, eot: bool = False):
+class HFTokenizer:
+    """A Hugging Face model's own tokenizer (its tokenizer.json, through the `tokenizers` library) and chat template
+    (the Jinja template its tokenizer_config.json or chat_template.jinja holds, rendered as transformers renders it).
+    The end token is the model's eos_token: for a chat model, the end of a turn (SmolLM2's <|im_end|>)."""
+
+    def __init__(self, name_or_dir: str):
+        from tokenizers import Tokenizer
+
+        self.name, path = name_or_dir, Path(resolve_pretrained(name_or_dir))
+        if not (path / "tokenizer.json").is_file():
+            raise InputError(f"{path}: no tokenizer.json")
+        self.tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        config = json.loads((path / "tokenizer_config.json").read_text()) if (
+            path / "tokenizer_config.json").is_file() else {}
+        self.template = config.get("chat_template")
+        if self.template is None and (path / "chat_template.jinja").is_file():
+            self.template = (path / "chat_template.jinja").read_text()
+        self.special = {k: config[k] for k in ("bos_token", "eos_token") if isinstance(config.get(k), str)}
+        eos = self.special.get("eos_token")
+        self.eot_token = self.tok.token_to_id(eos) if eos else None
+        self.vocab_size = self.tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids  # special tokens written in the text are kept
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation rendered by the model's own chat template (SmolLM2: ChatML, with a default system
+        prompt when none is given), as transformers' apply_chat_template renders it."""
+        if self.template is None:
+            return hh_chat(messages, add_generation_prompt)
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise InputError(f"chat template: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(self.template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                     **self.special)
+
+    def spec(self) -> dict:
+        return {"name": "hf", "path": self.name}
+
+
+def get_tokenizer(name: str, chars: str | None = None, eot: bool = False, path: str | None = None):
     """'gpt2': GPT-2 BPE (it has an end-of-text token); 'char': character-level over `chars`, with an end-of-text
-    token if eot. tokenizer.spec() gives these arguments back."""
+    token if eot; 'hf': the tokenizer.json of a Hugging Face model directory (path; a PRETRAINED name such as
+    'smollm2' works too). tokenizer.spec() gives these arguments back."""
     if name == "gpt2":
         return BPETokenizer()
     if name == "char":
         if chars is None:
             raise InputError("the char tokenizer needs its vocabulary (chars); build it with CharTokenizer.from_text")
         return CharTokenizer(chars, eot)
-    raise InputError(f"--tokenizer {name!r}: expected 'char' or 'gpt2'")
+    if name == "hf" or name in PRETRAINED:
+        return HFTokenizer(path or name)
+    raise InputError(f"--tokenizer {name!r}: expected 'char', 'gpt2' or a model's name ({', '.join(PRETRAINED)})")
 
 
 # ----------------------------------------------------------------------------------------------------------------
