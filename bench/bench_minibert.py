@@ -1,6 +1,7 @@
 """Benchmark minibert's BERT against transformers' BERT: same weights (all-MiniLM-L6-v2), same batch, one process.
 
-    python bench/bench_minibert.py                    # ~2 min on 2 CPU cores
+    python bench/bench_minibert.py                    # the README's table
+    python bench/bench_minibert.py --steps 1 --rounds 1 --batch-size 4      # a quick check that it runs
 
 Measured, each as minibert / transformers, the two timed in alternation, median over rounds:
   - encoder forward tokens/s (eval, no gradients): `Bert` against `transformers.BertModel`;
@@ -22,35 +23,35 @@ from transformers import BertForSequenceClassification, BertModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import minibert as B  # noqa: E402
 from tickets import CATEGORIES, make_tickets  # noqa: E402
+from training import configure_optimizer, setup_runtime, sync, train_step  # noqa: E402
 
 
 @dataclass
 class Args:
     device: str = "auto"
+    """'auto' (cuda, then mps, then cpu), or a torch device"""
     batch_size: int = 32
     """tickets per batch (padded to the longest)"""
     steps: int = 3
     """steps per timed round"""
     rounds: int = 5
+    """timed rounds of each implementation, in alternation; the median round is reported"""
     seed: int = 0
+    """seed of the tickets and of the classifier's initial weights"""
 
 
-def median_seconds(fn, steps: int, rounds: int, device) -> list[float]:
-    times = []
-    for _ in range(rounds):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return times
+def seconds(fn, steps: int, device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    return time.perf_counter() - t0
 
 
 def main(args: Args) -> dict:
-    device = B.setup_device(args.device)
+    rt = setup_runtime(args.device, "float32")  # both in float32: the same matmuls
+    device = rt.device
     path = B.resolve_checkpoint(B.MINILM)
     tokenizer = B.get_tokenizer(path)
     texts = [t for t, _ in make_tickets(args.batch_size, "train", args.seed)]
@@ -59,8 +60,8 @@ def main(args: Args) -> dict:
     tokens = enc["input_ids"].numel()
 
     torch.manual_seed(args.seed)
-    ours = B.from_pretrained(B.BertForSequenceClassification, B.MINILM, log=lambda m: None,
-                             num_labels=len(CATEGORIES)).to(device)
+    ours = B.BertForSequenceClassification.from_pretrained(B.MINILM, log=lambda m: None,
+                                                          num_labels=len(CATEGORIES)).to(device)
     hf = BertForSequenceClassification.from_pretrained(str(path), num_labels=len(CATEGORIES)).to(device)
     hf.load_state_dict({B.to_hf_name(k): v for k, v in ours.state_dict().items()})  # the same classifier too
     hf_encoder = BertModel.from_pretrained(str(path)).to(device).eval()
@@ -74,16 +75,12 @@ def main(args: Args) -> dict:
     def forward_hf():
         hf_encoder(**enc)
 
-    def make_step(model, loss_of):
-        opt = B.configure_optimizer(model, 1e-5, 0.01, device)
+    def make_step(model, loss_of):  # forward, backward, clipping, AdamW step: minibert's training step for both
+        opt = configure_optimizer(model, 1e-5, 0.01, device_type=device.type, **B.ADAM)
 
         def step():
             model.train()
-            loss = loss_of(model)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            train_step(model, opt, [None], rt, 1.0, loss_fn=lambda m, _: loss_of(m), count_fn=lambda _: 1)
         return step
 
     measures = {
@@ -104,7 +101,7 @@ def main(args: Args) -> dict:
         times = {impl: [] for impl in fns}
         for _ in range(args.rounds):  # alternate, so that a slow moment of the machine hits both
             for impl, fn in fns.items():
-                times[impl] += median_seconds(fn, args.steps, 1, device)
+                times[impl].append(seconds(fn, args.steps, device))
         results[name] = {impl: tokens * args.steps / statistics.median(t) for impl, t in times.items()}
 
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; all-MiniLM-L6-v2 "

@@ -7,6 +7,7 @@ import pytest
 for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ[var] = "1"
 os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ["MINILLM_CPU_BF16"] = "0"  # --dtype auto stays fp32 on every CPU: the tests pin exact numbers
 
 
 def save_tiny_char_base(path, n_layer: int = 2, n_head: int = 2, n_embd: int = 64, block_size: int = 256,

