@@ -433,6 +433,17 @@ class GPT(nn.Module):
         continued with eos_token_id; generation stops once every row has. Keys and values are cached; past the
         context (block_size) the window slides, recomputing the last block_size tokens (unpadded batches only).
         """
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, attention_mask,
+                               generator))
+        return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx
+
+    @torch.no_grad()
+    def stream(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, eos_token_id: int | None = None, attention_mask=None, generator=None,
+               sample=None):
+        """generate, one step at a time: yields the next token of every row, (B,), as soon as it is drawn (what a
+        chat shows as it is written). The arguments are generate's; sample(logits (B, vocab)) -> (B,), if given,
+        draws instead of temperature, top_k, top_p and generator (a server's rows, each with its own settings)."""
         B, T = idx.shape
         block = self.config.block_size
         if T > block:
@@ -452,30 +463,36 @@ class GPT(nn.Module):
             if cache.len + step_input.size(1) > block:  # context full: start again from its last block_size tokens
                 cache, step_input = KVCache(self.config.n_layer, block), out[:, -block:]
             h = self.hidden_states(step_input, attention_mask, cache)
-            next_token = sample_next_token((h[:, -1] @ head).float(), temperature, top_k, top_p, generator)
+            logits = (h[:, -1] @ head).float()  # (B, vocab)
+            next_token = sample(logits) if sample else sample_next_token(logits, temperature, top_k, top_p, generator)
             if eos_token_id is not None:
                 next_token = next_token.masked_fill(done, eos_token_id)
                 done |= next_token == eos_token_id
+            yield next_token
             out, step_input = torch.cat([out, next_token[:, None]], dim=1), next_token[:, None]
             if attention_mask is not None:
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
             if eos_token_id is not None and done.all():
                 break
-        return out
 
     def resize_vocab(self, vocab_size: int):
-        """Grow the (tied) token embedding to vocab_size rows, e.g. for a new end-of-text token. New rows start at
-        the mean of the old ones, so a new token's initial logits are the average of the others' and the model's
-        outputs barely move (Hewitt 2021, "Initializing new word embeddings for pretrained language models")."""
-        old = self.transformer.wte.weight.data
-        if vocab_size < old.size(0):
-            raise InputError(f"cannot shrink the vocabulary from {old.size(0)} to {vocab_size} tokens")
-        wte = nn.Embedding(vocab_size, old.size(1), device=old.device, dtype=old.dtype)
-        wte.weight.data[: old.size(0)] = old
-        wte.weight.data[old.size(0):] = old.mean(dim=0)
-        self.transformer.wte = wte
-        self.lm_head.weight = wte.weight
-        self.config.vocab_size = vocab_size
+        """Grow the token embedding (and an untied output projection) to vocab_size rows, e.g. for a new
+        end-of-text token. New rows start at the mean of the old ones, so a new token's initial logits are the
+        average of the others' and the model's outputs barely move (Hewitt 2021, "Initializing new word embeddings
+        for pretrained language models")."""
+        def grown(old: torch.Tensor) -> torch.Tensor:
+            if vocab_size < old.size(0):
+                raise InputError(f"cannot shrink the vocabulary from {old.size(0)} to {vocab_size} tokens")
+            new = old.new_empty(vocab_size, old.size(1))
+            new[: old.size(0)], new[old.size(0):] = old, old.mean(dim=0)
+            return new
+
+        self.transformer.wte = nn.Embedding.from_pretrained(grown(self.transformer.wte.weight.data), freeze=False)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        else:
+            self.lm_head.weight = nn.Parameter(grown(self.lm_head.weight.data))
+        self.lm_head.out_features = self.config.vocab_size = vocab_size
 
     def resize_context(self, block_size: int):
         """Grow the learned position embedding to block_size rows, to continue training a model at a longer context
