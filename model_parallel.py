@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Shard
 
 from data_parallel import COMM, GradBuckets, Strategy
+from llama import rotary_cos_sin
 from minigpt import GPT, CausalSelfAttention
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -63,18 +64,27 @@ class ReduceFromTensorParallel(torch.autograd.Function):
 
 
 class ColumnParallelLinear(nn.Module):
-    """y_r = f(x) A_r^T + b_r: rank r holds rows [r out/t, (r+1) out/t) of the weight (out, in), so its output is
-    its own slice of the features (Shoeybi et al. 2019, eq. 3)."""
+    """y_r = x A_r^T + b_r: rank r holds rows [r out/t, (r+1) out/t) of the weight (out, in), so its output is
+    its own slice of the features (Shoeybi et al. 2019, eq. 3). Its input x has passed f once at the entry of the
+    attention or MLP (enter_parallel_region), however many column-parallel linears read it (Llama's q, k, v)."""
 
-    def __init__(self, full: nn.Linear, rank: int, t: int, group):
+    def __init__(self, full: nn.Linear, rank: int, t: int):
         super().__init__()
-        self.group = group
         self.weight = nn.Parameter(full.weight.detach().chunk(t, dim=0)[rank].clone())
-        self.bias = nn.Parameter(full.bias.detach().chunk(t, dim=0)[rank].clone())
-        self.weight.tp_dim = self.bias.tp_dim = 0  # how full_state_dict reassembles them
+        self.weight.tp_dim = 0  # how full_state_dict reassembles it
+        self.bias = None  # Llama's linears have none
+        if full.bias is not None:
+            self.bias = nn.Parameter(full.bias.detach().chunk(t, dim=0)[rank].clone())
+            self.bias.tp_dim = 0
 
     def forward(self, x):
-        return F.linear(CopyToTensorParallel.apply(x, self.group), self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def enter_parallel_region(module: nn.Module, group):
+    """Apply f to the input of a block's attention or MLP, as Megatron's figure 3 places it: one all-reduce of the
+    input's gradient in the backward pass for the whole region. A forward pre-hook, so parameter names stay GPT's."""
+    module.register_forward_pre_hook(lambda _, args: (CopyToTensorParallel.apply(args[0], group), *args[1:]))
 
 
 class RowParallelLinear(nn.Module):
@@ -85,11 +95,29 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.group = group
         self.weight = nn.Parameter(full.weight.detach().chunk(t, dim=1)[rank].clone())
-        self.bias = nn.Parameter(full.bias.detach().clone())
+        self.bias = None if full.bias is None else nn.Parameter(full.bias.detach().clone())
         self.weight.tp_dim = 1
 
     def forward(self, x):
-        return ReduceFromTensorParallel.apply(F.linear(x, self.weight), self.group) + self.bias
+        y = ReduceFromTensorParallel.apply(F.linear(x, self.weight), self.group)
+        return y if self.bias is None else y + self.bias
+
+
+# The Megatron split of a block, by the names of its linears (GPT-2's and Llama's): column-parallel ones split their
+# output features (each rank computes its heads' queries, keys and values, its part of the MLP's hidden layer),
+# row-parallel ones their input features and sum the ranks' partial products.
+COLUMN = ("c_attn", "c_fc", "q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+ROW = ("c_proj", "o_proj", "down_proj")
+
+
+def local_heads(block, t: int, n_embd: int):
+    """Make block's attention compute this rank's 1/t of the heads. GPT-2: its fused c_attn rearranged rank-major
+    (TensorParallelAttention). Llama: the rank's n_head/t query heads and the n_kv_head/t key/value heads they share
+    (heads are split contiguously and a group's query heads are contiguous, so a group never straddles ranks)."""
+    if isinstance(block.attn, CausalSelfAttention):
+        block.attn = TensorParallelAttention(block.attn, t, n_embd)
+    else:
+        block.attn.n_head, block.attn.n_kv_head = block.attn.n_head // t, block.attn.n_kv_head // t
 
 
 def qkv_rank_major(n_embd: int, t: int) -> torch.Tensor:
@@ -138,12 +166,14 @@ class TensorParallel(Strategy):
     def __init__(self, model: GPT, layout, hyper, rt, bucket_mb=25.0):
         t, rank, group = layout.tp, layout.rank("tp"), layout.group("tp")
         for block in model.transformer.h:
-            attn = TensorParallelAttention(block.attn, t, model.config.n_embd)
-            attn.c_attn = ColumnParallelLinear(attn.c_attn, rank, t, group)
-            attn.c_proj = RowParallelLinear(attn.c_proj, rank, t, group)
-            block.attn = attn
-            block.mlp.c_fc = ColumnParallelLinear(block.mlp.c_fc, rank, t, group)
-            block.mlp.c_proj = RowParallelLinear(block.mlp.c_proj, rank, t, group)
+            local_heads(block, t, model.config.n_embd)
+            for part in (block.attn, block.mlp):
+                enter_parallel_region(part, group)
+                for name, linear in list(part.named_children()):
+                    if name in COLUMN:
+                        setattr(part, name, ColumnParallelLinear(linear, rank, t))
+                    elif name in ROW:
+                        setattr(part, name, RowParallelLinear(linear, rank, t, group))
         super().__init__(model, layout, hyper, rt)
         self.shard_group = group
         self.buckets = GradBuckets(model.parameters(), self.dp_group, bucket_mb * 1e6) if layout.dp > 1 else None
@@ -188,9 +218,11 @@ class TorchTensorParallel(Strategy):
 
         mesh = layout.mesh["tp"]
         for block in model.transformer.h:
-            block.attn = TensorParallelAttention(block.attn, layout.tp, model.config.n_embd)
-            parallelize_module(block, mesh, {"attn.c_attn": ColwiseParallel(), "attn.c_proj": RowwiseParallel(),
-                                             "mlp.c_fc": ColwiseParallel(), "mlp.c_proj": RowwiseParallel()})
+            local_heads(block, layout.tp, model.config.n_embd)
+            plan = {f"{part}.{name}": ColwiseParallel() if name in COLUMN else RowwiseParallel()
+                    for part in ("attn", "mlp") for name, _ in block.get_submodule(part).named_children()
+                    if name in COLUMN or name in ROW}
+            parallelize_module(block, mesh, plan)
         super().__init__(model, layout, hyper, rt)
         self.shard_group = layout.group("tp")
         self.make_optimizer()
@@ -226,23 +258,31 @@ class PipelineStage(nn.Module):
         super().__init__()
         self.first, self.last = stage == 0, stage == n_stages - 1
         self.transformer = nn.ModuleDict()
+        self.config = gpt.config
         if self.first:
-            self.transformer["wte"], self.transformer["wpe"] = gpt.transformer.wte, gpt.transformer.wpe
+            self.transformer["wte"] = gpt.transformer.wte
+            if "wpe" in gpt.transformer:  # GPT-2's learned positions (Llama's are rotary, inside each block)
+                self.transformer["wpe"] = gpt.transformer.wpe
         self.transformer["h"] = nn.ModuleDict({str(i): gpt.transformer.h[i]
                                                for i in stage_blocks(gpt.config.n_layer, n_stages, stage)})
         if self.last:
             self.transformer["ln_f"] = gpt.transformer.ln_f
-            self.lm_head = nn.Linear(gpt.config.n_embd, gpt.config.vocab_size, bias=False)
-            self.lm_head.weight = (gpt.transformer.wte.weight if self.first
-                                   else nn.Parameter(gpt.transformer.wte.weight.detach().clone()))
+            self.lm_head = gpt.lm_head
+            if gpt.config.tie_word_embeddings and not self.first:  # a copy of the tied weight on the last stage
+                self.lm_head = nn.Linear(gpt.config.n_embd, gpt.config.vocab_size, bias=False)
+                self.lm_head.weight = nn.Parameter(gpt.transformer.wte.weight.detach().clone())
 
     def forward(self, x, targets=None):
         """x: token ids (B, T) on the first stage, else the previous stage's hidden states (B, T, C). Returns the
         hidden states, or on the last stage the summed cross-entropy over the targets."""
+        pos = torch.arange(x.size(1), device=x.device)
         if self.first:
-            x = self.transformer.wte(x) + self.transformer.wpe(torch.arange(x.size(1), device=x.device))
+            x = self.transformer.wte(x) + (self.transformer.wpe(pos) if "wpe" in self.transformer else 0)
+        rope = None
+        if self.config.arch == "llama":
+            rope = rotary_cos_sin(pos, self.config.n_embd // self.config.n_head, self.config.rope_theta)
         for block in self.transformer.h.values():
-            x = block(x)
+            x = block(x, None, None, rope)
         if not self.last:
             return x
         logits = self.lm_head(self.transformer.ln_f(x))
@@ -335,7 +375,8 @@ class Pipeline(Strategy):
         self.kind, self.config = schedule, model.config
         self.shard_group = layout.group("pp")
         # the two copies of the tied embedding: first and last stage (new_group is called by every rank)
-        self.tied_group = dist.new_group([0, self.n_stages - 1]) if self.n_stages > 1 else None
+        tied = model.config.tie_word_embeddings and self.n_stages > 1
+        self.tied_group = dist.new_group([0, self.n_stages - 1]) if tied else None
         self.bubble, self.max_in_flight = float("nan"), 0
         self.make_optimizer()
 
@@ -353,12 +394,12 @@ class Pipeline(Strategy):
         return runner.loss_sum
 
     def grads(self):
-        tied_copy = self.model.lm_head.weight if self.model.last and not self.model.first else None
+        tied_copy = self.model.lm_head.weight if self.tied_group is not None and self.model.last else None
         return [p.grad for p in self.model.parameters() if p is not tied_copy and p.grad is not None], []
 
     def clip_grad_norm(self, max_norm):
         norm = super().clip_grad_norm(max_norm)
-        if self.model.last and not self.model.first and max_norm > 0:  # the copy was left out above: clip it too
+        if self.tied_group is not None and self.model.last and max_norm > 0:  # the copy left out above: clip it too
             self.model.lm_head.weight.grad.mul_(min(1.0, max_norm / (norm + 1e-6)))
         return norm
 
@@ -371,5 +412,6 @@ class Pipeline(Strategy):
         parts = [None] * self.n_stages
         dist.all_gather_object(parts, {k: v.detach().cpu() for k, v in self.model.state_dict().items()})
         out = {k: v for part in parts for k, v in part.items()}
-        out["lm_head.weight"] = out["transformer.wte.weight"]
+        if self.config.tie_word_embeddings:
+            out["lm_head.weight"] = out["transformer.wte.weight"]
         return out

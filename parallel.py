@@ -99,6 +99,10 @@ class Args(training.RunArgs):
     """attention heads per block"""
     n_embd: int = 128
     """width of the residual stream"""
+    arch: str = "gpt2"
+    """'gpt2' or 'llama' (rotary positions, RMSNorm, SwiGLU, grouped-query attention)"""
+    n_kv_head: int | None = None
+    """llama: key/value heads (default: --n-head); tensor parallelism needs them divisible by --tp"""
     block_size: int = 64
     """context length in tokens"""
     # --- optimisation ---
@@ -131,7 +135,7 @@ class Args(training.RunArgs):
 
 
 def check_layout(strategy: str, world: int, tp: int, n_head: int, n_layer: int, batch_size: int,
-                 micro_batches: int) -> tuple[int, int, int]:
+                 micro_batches: int, n_kv_head: int | None = None) -> tuple[int, int, int]:
     """(dp, tp, pp) for a strategy on `world` processes, or an InputError saying why the layout is impossible."""
     if strategy not in STRATEGIES:
         raise InputError(f"--strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
@@ -147,6 +151,9 @@ def check_layout(strategy: str, world: int, tp: int, n_head: int, n_layer: int, 
         if n_head % tp:
             raise InputError(f"--n-head {n_head} is not divisible by the tensor-parallel size {tp}: every rank must "
                              f"hold whole attention heads")
+        if n_kv_head is not None and n_kv_head % tp:
+            raise InputError(f"--n-kv-head {n_kv_head} is not divisible by the tensor-parallel size {tp}: every rank "
+                             f"must hold whole key/value heads, each with the query heads that share it")
         dp = world // tp
     else:
         if tp not in (0, 1):
@@ -164,11 +171,11 @@ def check_layout(strategy: str, world: int, tp: int, n_head: int, n_layer: int, 
 
 
 def make_layout(strategy: str, world: int, tp: int, device_type: str, n_head: int, n_layer: int, batch_size: int,
-                micro_batches: int) -> DP.Layout:
+                micro_batches: int, n_kv_head: int | None = None) -> DP.Layout:
     """The checked layout as a DeviceMesh of this process group (ranks dp-major, see data_parallel.Layout)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    dp, tp, pp = check_layout(strategy, world, tp, n_head, n_layer, batch_size, micro_batches)
+    dp, tp, pp = check_layout(strategy, world, tp, n_head, n_layer, batch_size, micro_batches, n_kv_head)
     if strategy.startswith("pp-"):
         return DP.Layout(dp, tp, pp, init_device_mesh(device_type, (pp,), mesh_dim_names=("pp",)))
     return DP.Layout(dp, tp, pp, init_device_mesh(device_type, (dp, tp), mesh_dim_names=("dp", "tp")))
@@ -278,7 +285,8 @@ def theory_bytes(strategy: str, cfg: GPTConfig, layout: DP.Layout, rows_per_micr
     Tensor parallel: 4 all-reduces of the (b, T, C) activations per block per micro-batch, 2 forward (g) and 2
     backward (f) (Shoeybi et al. 2019, sec. 3), and 1 more when checkpointing recomputes the forward. Pipeline:
     one (b, T, C) activation forward and one gradient backward per micro-batch across each stage boundary, plus the
-    tied embedding's gradient (V C) between the first and last stage."""
+    tied embedding's gradient (V C) between the first and last stage. Llama blocks are counted the same way (no
+    biases; q, k, v of n_kv_head key/value heads)."""
     psi = sum(p.numel() for p in GPT(cfg).parameters())  # Psi: parameters, the tied embedding once
     V, C, L, T = cfg.vocab_size, cfg.n_embd, cfg.n_layer, cfg.block_size
     ring = lambda n: 2 * (n - 1) / n
@@ -296,12 +304,14 @@ def theory_bytes(strategy: str, cfg: GPTConfig, layout: DP.Layout, rows_per_micr
         # backward needs is back (non-reentrant early stop), before the MLP's final all-reduce: 1 more, not 2
         tp_bytes = (5 if recompute else 4) * L * n_micro * ring(t) * act
         # the local part of the model: the split matrices and column-parallel biases are 1/t of their size
-        split = L * (3 * C * C + 3 * C + C * C + 4 * C * C + 4 * C + 4 * C * C)
+        split = sum(p.numel() for name, p in GPT(cfg).transformer.h.named_parameters()
+                    if name.split(".")[-2] in MP.COLUMN or (name.split(".")[-2] in MP.ROW and name.endswith("weight")))
         return tp_bytes + ring(d) * 4 * (psi - split + split / t)
     if strategy.startswith("pp-"):
         p, s = layout.pp, rank
         sends = n_micro * act * ((s < p - 1) + (s > 0))
-        return sends + (ring(2) * 4 * V * C if p > 1 and s in (0, p - 1) else 0)
+        tied = cfg.tie_word_embeddings and p > 1 and s in (0, p - 1)
+        return sends + (ring(2) * 4 * V * C if tied else 0)
     raise ValueError(strategy)
 
 
@@ -317,7 +327,7 @@ def main(args: Args) -> dict:
         dist.init_process_group("nccl" if rt.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                                 world_size=1)
     layout = make_layout(args.strategy, dist.get_world_size(), args.tp, rt.device.type, args.n_head, args.n_layer,
-                         args.batch_size, args.micro_batches)
+                         args.batch_size, args.micro_batches, args.n_kv_head or args.n_head)
     master = dist.get_rank() == 0
     run_dir = Path(args.output_dir) / args.run_name
 
@@ -332,7 +342,7 @@ def main(args: Args) -> dict:
     # --- model: the same full model on every rank, then split by the strategy ---
     torch.manual_seed(args.seed)
     cfg = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
-                    n_head=args.n_head, n_embd=args.n_embd)
+                    n_head=args.n_head, n_embd=args.n_embd, arch=args.arch, n_kv_head=args.n_kv_head)
     model = GPT(cfg).to(rt.device)
     n_params = model.num_params()
     if args.activation_checkpointing:

@@ -33,7 +33,7 @@ def test_tensor_parallel_attention_by_hand():
         out, slices = attn.c_proj.bias.detach().clone(), []
         for r in range(t):
             part = MP.TensorParallelAttention(attn, t, cfg.n_embd)
-            part.c_attn = MP.ColumnParallelLinear(part.c_attn, r, t, group=None)  # forward: no communication
+            part.c_attn = MP.ColumnParallelLinear(part.c_attn, r, t)  # forward: no communication
             part.c_proj = torch.nn.Linear(cfg.n_embd // t, cfg.n_embd, bias=False)
             part.c_proj.weight.data = attn.c_proj.weight.detach().chunk(t, dim=1)[r].clone()  # rank r's columns
             out = out + part(x)  # (B, T, C): rank r's partial product

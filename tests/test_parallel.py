@@ -22,6 +22,10 @@ from training import InputError
 ROOT = Path(__file__).resolve().parents[1]
 CFG = GPTConfig(vocab_size=37, block_size=16, n_layer=2, n_head=4, n_embd=32)
 CFG4 = GPTConfig(vocab_size=37, block_size=16, n_layer=4, n_head=4, n_embd=32)  # for 4 pipeline stages
+# the Llama family: rotary positions, RMSNorm, SwiGLU, grouped-query attention (2 key/value heads for 4 query heads),
+# untied output projection (so the pipeline's last stage owns its own lm_head)
+CFG_LLAMA = GPTConfig(arch="llama", vocab_size=37, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                      intermediate_size=48, tie_word_embeddings=False)
 STEPS, ROWS, MICRO, LR, CLIP, SEED = 3, 8, 2, 3e-3, 0.5, 11
 HYPER = DP.Hyper(weight_decay=0.1, betas=(0.9, 0.99))
 CPU = training.Runtime(torch.device("cpu"), torch.float32)
@@ -53,7 +57,7 @@ def reference(cfg=CFG, steps=STEPS) -> dict:
 
 def run_strategy(name: str, world: int, cfg=CFG, tp: int = 0, micro: int = MICRO, ckpt: bool = False) -> dict:
     """The same training on this process group with a strategy of parallel.py; the full parameters at the end."""
-    layout = P.make_layout(name, world, tp, "cpu", cfg.n_head, cfg.n_layer, ROWS, micro)
+    layout = P.make_layout(name, world, tp, "cpu", cfg.n_head, cfg.n_layer, ROWS, micro, cfg.n_kv_head)
     torch.manual_seed(SEED)
     model = GPT(cfg)
     if ckpt:
@@ -134,6 +138,7 @@ def launch(tmp_path, world: int, jobs: list) -> dict:
 
 
 TWO_PROCESS = ["ddp", "ddp-torch", "zero1", "fsdp", "tp", "tp-torch", "pp-gpipe", "pp-1f1b"]
+LLAMA = ["ddp+llama", "zero1+llama", "fsdp+llama", "tp+llama", "tp-torch+llama", "pp-1f1b+llama"]
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +147,7 @@ def two(tmp_path_factory):
     runs the script's main."""
     jobs = [(name, {"micro": 4} if name == "pp-gpipe" else {}) for name in TWO_PROCESS]
     jobs += [("tp+ckpt", {"ckpt": True})]
+    jobs += [(name, {"cfg": CFG_LLAMA}) for name in LLAMA]
     jobs += [("bubble-gpipe", dict(kind="gpipe", n_micro=4)), ("bubble-1f1b", dict(kind="1f1b", n_micro=4))]
     out = tmp_path_factory.mktemp("two")
     jobs += [("main", dict(strategy="zero1", output_dir=str(out / "runs"), n_layer=2, n_head=2, n_embd=48,
@@ -189,6 +195,20 @@ def test_strategy_equals_single_process(two, ref, name):
     """Each strategy on 2 processes: the losses and gradient norms of 3 steps and the final parameters equal one
     process on the same global batch (fp32, 1e-5 relative); tp+ckpt: with activation checkpointing too."""
     assert_same_training(two[name], ref)
+
+
+@pytest.mark.parametrize("name", LLAMA)
+def test_llama_under_each_strategy_equals_single_process(two, name):
+    """The Llama family on 2 processes: tensor parallelism splits the 4 query heads and the 2 key/value heads they
+    share (one of each group per rank), the SwiGLU MLP's gate and up by columns and down by rows; the pipeline
+    passes rotary positions to its blocks and keeps the untied output projection on the last stage."""
+    assert_same_training(two[name], reference(CFG_LLAMA))
+    if name != "tp-torch+llama":  # the bytes of the layouts written here, against the same closed form as GPT-2's
+        for sent, theory, _ in two[name]["bytes"]:
+            for counted, seen in sent:
+                assert seen == pytest.approx(theory, rel=0.01 if name.startswith("fsdp") else 1e-3)
+                if not name.startswith("fsdp"):
+                    assert counted == pytest.approx(seen, rel=1e-9)
 
 
 def test_every_strategy_on_one_process(tmp_path):
@@ -302,6 +322,8 @@ def test_peak_memory_counts_allocations():
     (dict(strategy="ddp", world=3, batch_size=8), "--batch-size 8 does not split into 3"),
     (dict(strategy="ddp", world=2, tp=2), "--tp 2 is only for"),
     (dict(strategy="sp", world=2), "--strategy 'sp'"),
+    (dict(strategy="tp", world=4, n_head=8, n_kv_head=2), "--n-kv-head 2 is not divisible by the tensor-parallel "
+                                                           "size 4"),
 ])
 def test_impossible_layouts(kwargs, message):
     args = dict(strategy="ddp", world=2, tp=0, n_head=4, n_layer=4, batch_size=8, micro_batches=1) | kwargs
