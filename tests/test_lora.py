@@ -1,10 +1,7 @@
-"""lora.py against independent references: the base model, PEFT, bitsandbytes' NF4 table and error bounds, merged
-models served one request at a time, and a real HTTP server on localhost."""
+"""lora.py against independent references: the base model, PEFT, bitsandbytes' NF4 table and error bounds, and one
+merged model per adapter for the mixed-adapter batch."""
 
 import json
-import threading
-import urllib.error
-import urllib.request
 
 import pytest
 import torch
@@ -274,118 +271,40 @@ def test_mixed_batch_equals_each_request_on_its_merged_model(bank):
     g = torch.Generator().manual_seed(5)
     prompts = [tok.decode(torch.randint(60, (int(n),), generator=g).tolist()) for n in [3, 9, 5, 12, 7, 2, 10]]
     which = ["a", "b", "c", "base", "c", "a", "b"]
-    requests = [(p, a) for p, a in zip(prompts, which, strict=True)]
     ids = [0 if a == "base" else names.index(a) + 1 for a in which]
-    mixed, _ = lora.generate_rows(multi, prompts, ids, tok, rt, 20, stop_at_newline=False)
+    mixed, _ = lora.generate_rows(multi, prompts, ids, tok, rt, 20)
+    assert len(set(mixed)) > 1  # the adapters make a difference
     for p, a, out in zip(prompts, which, mixed, strict=True):
-        alone, _ = lora.generate_rows(merged[a], [p], [0], tok, rt, 20, stop_at_newline=False)
-        assert alone[0] == out
-    check = lora.check_mixed_batch(multi, names, merged, [r for r in requests if r[1] != "base"], tok, rt, 20)
-    assert check["identical_completions"] == check["requests"] and check["max_abs_logit_diff"] < 1e-4
-
-
-def test_streamed_decoding_equals_generate(bank):
-    base, dirs = bank
-    multi, names = lora.build_multi_adapter(base, dirs)
-    idx, mask = minigpt.left_pad([[1, 2, 3], [4, 5, 6, 7, 8, 9]])
-    rows = torch.tensor([1, 3])
-    with lora.adapter_rows(multi, rows):
-        ref = multi.generate(idx, 15, temperature=0.0, attention_mask=mask)[:, idx.size(1):]
-        steps = torch.stack(list(lora.decode_steps(multi, idx, mask, 15, lambda logits: logits.argmax(-1))), 1)
-    assert torch.equal(steps, ref)
+        alone, _ = lora.generate_rows(merged[a], [p], [0], tok, rt, 20)
+        assert alone[0] == out and len(out) == 20
+    lines, _ = lora.generate_rows(multi, prompts, ids, tok, rt, 20, stop_at_newline=True)
+    assert all(line == out.split("\n")[0] for line, out in zip(lines, mixed, strict=True))
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# End to end: a tiny base, three adapters, the router, the server
+# The command: fold an adapter into its base and export it
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    args = lora.TrainArgs(device="cpu", output_dir=str(out), base=str(out / "base" / "latest"), eval_examples=32,
-                          serve_requests=2, base_iters=150, base_n_layer=2, base_n_embd=64, base_batch_size=8,
-                          steps=60, batch_size=8, learning_rate=5e-3)
-    return args, lora.main(args)
+def test_merge_command_exports_the_adapted_model(tmp_path):
+    from transformers import GPT2LMHeadModel
 
-
-@pytest.mark.slow
-def test_end_to_end_adapters_learn_their_tasks(run):
-    args, report = run
-    m = report["matrix"]
-    for task in args.tasks:
-        assert m[task][task] < m["base"][task], (task, m)  # every adapter beats the base on its own task
-    assert m["qa"]["qa"] < min(m[a]["qa"] for a in ("base", "speech", "positive")) - 0.3
-    assert m["positive"]["positive"] < min(m[a]["positive"] for a in ("base", "qa"))
-    qa = report["train_loss"]["qa"]  # the training loss falls (speech's barely moves at this size: batch noise)
-    assert sum(qa[-10:]) / 10 < sum(qa[:5]) / 5 - 0.2
-    assert report["router_accuracy"] > 0.6  # chance is 1/3, on prompts of templates the router never saw
-    mb = report["mixed_batch"]
-    assert mb["identical_completions"] == mb["requests"] and mb["max_abs_logit_diff"] < 1e-4
-    assert set(report["throughput_tokens_per_s"]) == {"mixed batch", "batch per adapter", "one request at a time"}
-    run_dir = report["run_dir"]
-    assert (run_dir / "report.json").exists() and (run_dir / "router" / "router.safetensors").exists()
-
-
-def post(url, body, raw=False):
-    data = body if raw else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, r.read().decode(), r.headers.get("Content-Type")
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode(), e.headers.get("Content-Type")
-
-
-@pytest.mark.slow
-def test_http_server_answers_real_requests(run):
-    args, _ = run
-    ready = threading.Event()
-    serve_args = lora.ServeArgs(device="cpu", output_dir=args.output_dir, base=args.base, port=0)
-    thread = threading.Thread(target=lora.serve, args=(serve_args, ready), daemon=True)
-    thread.start()
-    assert ready.wait(120)
-    server = ready.server
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
-        with urllib.request.urlopen(url + "/v1/models", timeout=30) as r:
-            assert {m["id"] for m in json.loads(r.read())["data"]} == {"base", "auto", "speech", "qa", "positive"}
-        prompt = 'ROMEO: But soft, what light\nJULIET: Ay me!\nWho said "what light"?\n'
-        status, body, _ = post(url + "/v1/completions", {"model": "qa", "prompt": prompt, "max_tokens": 12,
-                                                         "temperature": 0, "stop": "\n"})
-        assert status == 200, body
-        out = json.loads(body)
-        assert out["object"] == "text_completion" and out["choices"][0]["finish_reason"] in ("stop", "length")
-        assert "\n" not in out["choices"][0]["text"] and out["usage"]["prompt_tokens"] == len(prompt)
-        # 'auto' routes; several prompts decode as one mixed batch
-        status, body, _ = post(url + "/v1/completions", {"model": "auto", "prompt": [prompt, "ROMEO.\nO, she doth "
-                                                         "teach the torches to burn bright!\n"], "max_tokens": 8})
-        assert status == 200 and len(json.loads(body)["choices"]) == 2
-        assert all(c["adapter"] in ("speech", "qa", "positive") for c in json.loads(body)["choices"])
-        # streaming: server-sent events ending in [DONE], pieces adding up to the greedy completion
-        status, body, ctype = post(url + "/v1/completions", {"model": "positive", "prompt": "Say something kind "
-                                   "about love:\n", "max_tokens": 10, "temperature": 0, "stream": True})
-        assert status == 200 and ctype.startswith("text/event-stream")
-        events = [ln[6:] for ln in body.split("\n\n") if ln.startswith("data: ")]
-        assert events[-1] == "[DONE]"
-        streamed = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
-        status, body, _ = post(url + "/v1/completions", {"model": "positive", "prompt": "Say something kind "
-                               "about love:\n", "max_tokens": 10, "temperature": 0})
-        assert streamed == json.loads(body)["choices"][0]["text"]
-        # bad requests: 4xx with a JSON error naming the problem
-        for bad, code, field in [(b"{not json", 400, None), ({"model": "nope", "prompt": "x"}, 404, "model"),
-                                 ({"model": "qa"}, 400, "prompt"), ({"model": "qa", "prompt": "x", "max_tokens": -1},
-                                                                    400, "max_tokens"),
-                                 ({"model": "qa", "prompt": "x" * 200}, 400, "max_tokens"),
-                                 ({"model": "qa", "prompt": "caf\u00e9 \u2603"}, 400, "prompt")]:
-            status, body, ctype = post(url + "/v1/completions", bad, raw=isinstance(bad, bytes))
-            assert status == code and ctype == "application/json", (bad, status, body)
-            err = json.loads(body)["error"]
-            assert err["message"] and (field is None or err["param"] == field)
-        status, _, _ = post(url + "/v1/nothing", {})
-        assert status == 404
-        # and it keeps serving
-        status, body, _ = post(url + "/v1/completions", {"model": "speech", "prompt": "ROMEO.\n", "max_tokens": 5})
-        assert status == 200 and json.loads(body)["usage"]["completion_tokens"] <= 5
-    finally:
-        server.shutdown()
-        thread.join(30)
+    tok = minigpt.CharTokenizer(Chars.chars[:-1], eot=True)  # 61 ids: 60 characters and the end of text
+    for qlora in (False, True):
+        base = random_gpt()
+        base.save_pretrained(tmp_path / "base")
+        (tmp_path / "base" / "run.json").write_text(json.dumps({"tokenizer": tok.spec()}))
+        model = random_gpt()
+        apply_lora(model, r=4, alpha=8, qlora=qlora)
+        randomize_lora(model)
+        save_adapter(model, tmp_path / "adapter", {"base": str(tmp_path / "base"), "qlora": qlora})
+        out = lora.main(lora.Args(adapter=str(tmp_path / "adapter"), output=str(tmp_path / "merged"),
+                                  overwrite=qlora))
+        x = tokens(61, (2, 20))
+        with torch.no_grad():
+            ours = model(x)[0]  # the adapter on the base it was trained on (NF4 with qlora)
+            theirs = GPT2LMHeadModel.from_pretrained(out).eval()(x).logits
+        torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-5)
+        _, tokenizer = minigpt.load_pretrained(str(out))  # a checkpoint of the project: run.json names the tokenizer
+        assert tokenizer.spec() == tok.spec()
+    with pytest.raises(training.InputError, match="already holds a model"):
+        lora.main(lora.Args(adapter=str(tmp_path / "adapter"), output=str(out)))
