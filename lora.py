@@ -42,6 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import training
+from llama import LLAMA_NAMES, rename
 from minigpt import GPT, left_pad, load_pretrained
 from training import InputError
 
@@ -63,7 +64,9 @@ class Args:
 # ----------------------------------------------------------------------------------------------------------------
 # LoRA
 
-DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")  # GPT-2's attention (fused qkv, output) and MLP projections
+# every projection of attention and MLP: GPT-2's (fused qkv, output, MLP in and out) and Llama's
+DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                   "down_proj")
 
 
 def lora_scale(alpha: float, r: int, rslora: bool = False) -> float:
@@ -190,27 +193,33 @@ def _peft_key(module: str, which: str) -> str:
     return f"base_model.model.{module}.lora_{which}.weight"  # which: 'A' (r, in) or 'B' (out, r)
 
 
+def _is_llama(model: nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "arch", "gpt2") == "llama"
+
+
 def save_adapter(model: nn.Module, path: str | Path, config: dict | None = None):
     """Write the adapter only: adapter_model.safetensors (A and B of every LoRALinear, PEFT's key names) and
     adapter_config.json (PEFT's LoraConfig). Hugging Face's GPT-2 holds these projections as Conv1D, whose weight is
     the transpose of ours; PEFT's LoRA branch is lora_B(lora_A(x)) on either, so A and B need no transpose, and
-    fan_in_fan_out=true tells PEFT to transpose only when it merges. `config` (task name, base, ...) is kept in the
-    safetensors metadata, where PEFT does not look."""
+    fan_in_fan_out=true tells PEFT to transpose only when it merges. A Llama's modules are named as in
+    transformers' LlamaForCausalLM (model.layers.i.self_attn.q_proj, ...), plain linears. `config` (task name, base,
+    ...) is kept in the safetensors metadata, where PEFT does not look."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     if not layers:
         raise InputError("the model has no LoRA layers to save (apply_lora first)")
     first = next(iter(layers.values()))
     if any((m.r, m.alpha, m.rslora) != (first.r, first.alpha, first.rslora) for m in layers.values()):
         raise InputError("save_adapter writes one LoraConfig: every LoRA layer must share r, alpha and rslora")
-    tensors = {}
+    tensors, llama = {}, _is_llama(model)
     for n, m in layers.items():
-        tensors[_peft_key(n, "A")] = m.lora_A.detach().float().cpu().contiguous()
-        tensors[_peft_key(n, "B")] = m.lora_B.detach().float().cpu().contiguous()
+        name = rename(n, LLAMA_NAMES, to_ours=False) if llama else n  # transformers' module name
+        tensors[_peft_key(name, "A")] = m.lora_A.detach().float().cpu().contiguous()
+        tensors[_peft_key(name, "B")] = m.lora_B.detach().float().cpu().contiguous()
     drop = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
     peft_config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=first.r, lora_alpha=first.alpha,
                        lora_dropout=drop, use_rslora=first.rslora, target_modules=sorted({n.rpartition(".")[2]
                                                                                           for n in layers}),
-                       fan_in_fan_out=True, bias="none", init_lora_weights=True, inference_mode=True,
+                       fan_in_fan_out=not llama, bias="none", init_lora_weights=True, inference_mode=True,
                        base_model_name_or_path=(config or {}).get("base"), modules_to_save=None)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -239,7 +248,8 @@ def read_adapter(path: str | Path) -> tuple[dict, dict, dict]:
         if m is None:
             raise InputError(f"{w_file}: unexpected tensor {key!r} (expected base_model.model.<module>.lora_A.weight "
                              f"or lora_B.weight)")
-        layers.setdefault(m.group(1), {})[m.group(2)] = t
+        # transformers' Llama names to ours (GPT-2's are the same in both)
+        layers.setdefault(rename(m.group(1), LLAMA_NAMES, to_ours=True), {})[m.group(2)] = t
     for name, ab in layers.items():
         if set(ab) != {"A", "B"} or ab["A"].shape[0] != cfg["r"] or ab["B"].shape[1] != cfg["r"]:
             raise InputError(f"{w_file}: module {name} needs lora_A (r={cfg['r']}, in) and lora_B (out, r={cfg['r']})")

@@ -140,6 +140,35 @@ def test_peft_loads_the_adapter_on_the_exported_model(tmp_path):
         torch.testing.assert_close(peft_merged, merged_hf, atol=2e-5, rtol=1e-5)
 
 
+def test_a_llama_adapter_on_every_projection_loads_in_peft(tmp_path):
+    """LoRA on SmolLM2's architecture (q, k, v, o, gate, up, down; GQA; untied here): PEFT reads our adapter, named as
+    in transformers' LlamaForCausalLM, onto the exported base and gives our logits, merged and not."""
+    peft = pytest.importorskip("peft")
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(arch="llama", vocab_size=67, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=48,
+                    intermediate_size=80, tie_word_embeddings=False)
+    model = GPT(cfg).eval()
+    model.save_pretrained(tmp_path / "base")
+    summary = apply_lora(model, r=4, alpha=8)
+    assert sorted({n.rpartition(".")[2] for n in summary["modules"]}) == [
+        "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    randomize_lora(model)
+    save_adapter(model, tmp_path / "adapter")
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
+    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    x = tokens(67, (2, 32))
+    with torch.no_grad():
+        ours = model(x)[0]
+        torch.testing.assert_close(peft_model(x).logits, ours, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(peft_model.merge_and_unload()(x).logits, ours, atol=2e-5, rtol=1e-5)
+    again = GPT.from_pretrained(str(tmp_path / "base")).eval()
+    load_adapter(again, tmp_path / "adapter")  # and back into ours, by transformers' names
+    with torch.no_grad():
+        torch.testing.assert_close(again(x)[0], ours, atol=1e-6, rtol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # NF4 and QLoRA
 
