@@ -10,7 +10,8 @@ tracking the true one.
     continue  "Continue this line: <first line of a speech>"      -> the speech's next line
     reply     "Reply to this: <last line of a speech>"            -> the first line of the answer to it
     topic     "Say something about <word>."                       -> a line of verse that contains the word
-- The chat template is the Anthropic hh-rlhf layout, so the same code reads hub data with internet:
+- The chat template is the policy tokenizer's (`format_prompt(instruction, tokenizer)`, through tokenizer.chat); the
+  models this project pretrains use the Anthropic hh-rlhf layout, so the same code reads hub data with internet:
   "\\n\\nHuman: {instruction}\\n\\nAssistant:" then " {response}" then the end-of-text token.
 - `gold_reward(prompt, response)`: what users of an aligned model want, from two rule-based judges on PyPI:
   positive and helpful (VADER compound sentiment, Hutto & Gilbert 2014), not toxic (better-profanity's word list),
@@ -63,7 +64,7 @@ def _judges():
 def contains_profanity(text: str, words: frozenset | None = None) -> bool:
     """True if a word or phrase of better-profanity's list occurs in text as whole words. The list is the package's;
     the match is a set lookup of every 1- to 4-word window (its own `contains_profanity` also tries leetspeak spellings
-    of every entry, ~17 ms a call, too slow to judge the thousands of samples a run draws)."""
+    of every entry, too slow to judge the thousands of samples a run draws)."""
     words = _judges()[1] if words is None else words
     toks = re.findall(r"[a-z0-9]+", text.lower())
     return any(" ".join(toks[i:i + n]) in words for n in range(1, 5) for i in range(len(toks) - n + 1))
@@ -110,10 +111,12 @@ def gold_rewards(prompts: list[str], responses: list[str]) -> list[float]:
 # Instructions from the plays
 
 
-def format_prompt(instruction: str) -> str:
-    """The chat template (Anthropic hh-rlhf layout, minigpt.hh_chat); the response follows as ' {text}' and the
-    end-of-text token."""
-    return hh_chat([{"role": "user", "content": instruction}])
+def format_prompt(instruction: str, tokenizer=None) -> str:
+    """The instruction as one user turn in a chat template, ending where the response begins: the tokenizer's own
+    (tokenizer.chat), or without one the Anthropic hh-rlhf layout (minigpt.hh_chat) of the models this project
+    pretrains, where the response follows as ' {text}' and the end-of-text token."""
+    chat = hh_chat if tokenizer is None else tokenizer.chat
+    return chat([{"role": "user", "content": instruction}])
 
 
 def parse_speeches(text: str) -> list[list[str]]:
@@ -159,9 +162,10 @@ def _split_sources(split: str) -> tuple:
     return cont, reply, topic
 
 
-def make_instructions(n: int, split: str = "train", seed: int = 0) -> list[dict]:
+def make_instructions(n: int, split: str = "train", seed: int = 0, tokenizer=None) -> list[dict]:
     """n instruction examples {"prompt": formatted prompt, "response": " text", "task"}, the three tasks in equal
-    shares, drawn without replacement with a fixed seed. 'test' comes from plays the 'train' split never uses."""
+    shares, drawn without replacement with a fixed seed. 'test' comes from plays the 'train' split never uses. The
+    prompt is in the tokenizer's chat template (format_prompt; the hh-rlhf layout without a tokenizer)."""
     pools = _split_sources(split)
     rng = random.Random(seed)
     rows = []
@@ -169,7 +173,7 @@ def make_instructions(n: int, split: str = "train", seed: int = 0) -> list[dict]
         want = n // len(pools) + (k < n % len(pools))
         if want > len(pool):
             raise InputError(f"{split}: asked for {want} {TASKS[k]!r} examples, the plays give {len(pool)}")
-        rows += [{"prompt": format_prompt(ins), "response": " " + resp, "task": task}
+        rows += [{"prompt": format_prompt(ins, tokenizer), "response": " " + resp, "task": task}
                  for ins, resp, task in rng.sample(pool, want)]
     rng.shuffle(rows)
     return rows
@@ -243,14 +247,16 @@ def load_hub_pairs(name: str, split: str) -> list[dict]:
     return pairs
 
 
-def load_hub_instructions(name: str, split: str = "train") -> list[dict]:
-    """Instruction examples from a hub data set in the tatsu-lab/alpaca layout (instruction, input, output)."""
+def load_hub_instructions(name: str, split: str = "train", tokenizer=None) -> list[dict]:
+    """Instruction examples from a hub data set in the tatsu-lab/alpaca layout (instruction, input, output), the
+    prompts in the tokenizer's chat template (format_prompt)."""
     from datasets import load_dataset
 
     rows = []
     for row in load_dataset(name, split=split):
         instruction = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-        rows.append({"prompt": format_prompt(instruction), "response": " " + row["output"].strip(), "task": name})
+        rows.append({"prompt": format_prompt(instruction, tokenizer), "response": " " + row["output"].strip(),
+                     "task": name})
     return rows
 
 

@@ -8,9 +8,10 @@ IPO (Azar et al. 2023) and SLiC's hinge (Zhao et al. 2023). Because the offline 
 (alignment_task.py), the run also measures what the preference data stand for: the gold reward of samples from
 the policy on fixed held-out prompts, and their KL to the SFT policy, before, during and after training.
 
-Pieces, top to bottom: `dpo_loss`, `sequence_logps` (log-probability of the response tokens only), `collate_pairs`
-and `concatenated_logps` (chosen and rejected rows of a batch padded together and run through the model in one
-forward pass), `pair_batch_indices` (the data order, a function of the step), then `main`.
+Pieces, top to bottom: `dpo_loss`, `collate_pairs` and `concatenated_logps` (chosen and rejected rows of a batch
+padded together and run through the model in one forward pass; policy.sequence_logps counts the response tokens
+only), `encode_pairs` and `pair_batch_indices` (the data order, a function of the step), then `main`. Loading,
+LoRA, saving and resuming the policy, and sampling and judging it, are policy.py's.
 
 Run it (after sft.py and `python reward_model.py pairs`, which write runs/sft/ and data/alignment/pairs_*.jsonl):
     python dpo.py                               # DPO from runs/sft/latest on the offline pairs, CPU
@@ -39,14 +40,23 @@ from tqdm.auto import tqdm
 
 from alignment_task import load_hub_pairs, read_pairs
 from assets import DATA_DIR
-from lora import apply_lora, load_adapter
-from sft import encode_example, evaluate_policy, load_policy, padded_batch, save_policy
+from policy import (
+    add_lora,
+    encode_example,
+    eval_mode,
+    evaluate_policy,
+    load_policy,
+    padded_batch,
+    resume_policy,
+    save_policy,
+    sequence_logps,
+)
 from training import (
     InputError,
     Logger,
+    RunArgs,
     configure_optimizer,
     derived_seed,
-    load_checkpoint,
     lr_at,
     setup_runtime,
     sync,
@@ -55,26 +65,11 @@ from training import (
 
 
 @dataclass
-class Args:
-    # --- common to every script ---
-    seed: int = 1337
-    """random seed; every random choice of a run is a function of (seed, rank, iteration)"""
-    device: str = "auto"
-    """'auto' (cuda, then mps, then cpu), or a torch device such as 'cpu', 'cuda', 'cuda:1'"""
-    dtype: str = "auto"
-    """'auto' (bfloat16 autocast on CUDA where supported, else float32), 'bfloat16' or 'float32'"""
-    compile: bool = False
-    """compile the model with torch.compile"""
-    track: bool = False
-    """log metrics to Weights & Biases (WANDB_MODE=offline works without a network)"""
-    wandb_project: str = "minillm"
-    """Weights & Biases project"""
+class Args(RunArgs):
+    """Direct Preference Optimization of the SFT policy on preference pairs."""
+
+    # --- the common options (training.RunArgs), where they differ here ---
     run_name: str = "dpo"
-    """name of the run: checkpoints go to <output-dir>/<run-name>/"""
-    output_dir: str = "runs"
-    """directory that holds the runs"""
-    resume: bool = False
-    """continue the run in <output-dir>/<run-name>/ from its latest checkpoint"""
     # --- data ---
     train_path: str = str(DATA_DIR / "alignment" / "pairs_train.jsonl")
     """preference pairs to train on: JSONL rows {"prompt", "chosen", "rejected"} (`python reward_model.py pairs`)"""
@@ -112,7 +107,7 @@ class Args:
     grad_accum_steps: int = 1
     """micro-batches per optimizer step"""
     max_iters: int = 100
-    """optimizer steps (1,600 pairs at the defaults: ~7 min on 2 busy CPU cores for the 0.8M-parameter SFT policy)"""
+    """optimizer steps (1,600 pairs at the defaults)"""
     learning_rate: float = 5e-5
     """peak learning rate, reached after the warmup"""
     min_lr: float = 5e-5
@@ -195,21 +190,10 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 # Log-probabilities of responses, chosen and rejected in one forward pass
 
 
-def sequence_logps(logits, targets, average: bool = False):
-    """log pi(y|x) of each row: the sum (or, with average, the per-token mean) of log p(targets[b, t] | idx[b, :t+1])
-    over the counted targets. logits (B, T, vocab); targets (B, T) in minigpt's convention: targets[b, t] is the token
-    that follows idx[b, :t+1], -100 where nothing is counted (prompt tokens, padding). Returns (B,) in float32."""
-    B, T = targets.shape
-    token_logps = -F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
-                                   reduction="none").view(B, T)  # 0 at ignored positions
-    total = token_logps.sum(-1)
-    return total / (targets != -100).sum(-1).clamp(min=1) if average else total
-
-
 def collate_pairs(pairs, pad_id: int):
-    """One batch of B pairs [((chosen ids, n_prompt), (rejected ids, n_prompt)), ...] (sft.encode_example's format)
-    -> (idx, targets), both (2B, T): the B chosen rows, then the B rejected rows, right-padded together to the
-    longest by sft.padded_batch. targets count the response tokens and the end-of-text token only (-100 elsewhere).
+    """One batch of B pairs [((chosen ids, n_prompt), (rejected ids, n_prompt)), ...] (policy.encode_example's
+    format) -> (idx, targets), both (2B, T): the B chosen rows, then the B rejected rows, right-padded together to the
+    longest by policy.padded_batch. targets count the response tokens and the end-of-text token only (-100 elsewhere).
 
     Right padding needs no attention mask: under the causal mask a real token never attends to a later position, so
     each row's log-probs are what it gets alone (padding positions are inputs only, their targets are -100)."""
@@ -218,7 +202,8 @@ def collate_pairs(pairs, pad_id: int):
 
 def concatenated_logps(model, idx, targets, average: bool = False):
     """(chosen logps (B,), rejected logps (B,)) of a collated batch from one forward pass over its 2B rows
-    (half the calls of two passes, and one larger matmul per layer instead of two smaller ones)."""
+    (half the calls of two passes, and one larger matmul per layer instead of two smaller ones). Log-probabilities
+    are policy.sequence_logps: of the response tokens and the end token only."""
     logits, _ = model(idx)  # (2B, T, vocab)
     logps = sequence_logps(logits, targets, average)  # (2B,)
     B = idx.size(0) // 2
@@ -239,7 +224,7 @@ def load_pairs(args: Args, split: str) -> tuple[list[dict], str]:
 
 def encode_pairs(rows: list[dict], tokenizer, block_size: int, source: str, skip_bad: bool = False):
     """Rows -> ([((chosen ids, n_prompt), (rejected ids, n_prompt)), ...], pairs left out, responses cut) with
-    sft.encode_example (prompt tokens, response tokens, end-of-text token; a response longer than the context is cut,
+    policy.encode_example (prompt tokens, response tokens, end-of-text token; a response longer than the context is cut,
     as in the DPO reference code; an empty response is the end token alone). A pair with no room for a response is an
     error naming it, or, with skip_bad (hub data), left out."""
     pairs, skipped, cut = [], 0, 0
@@ -277,15 +262,13 @@ def pair_batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
 @torch.no_grad()
 def all_pair_logps(model, pairs, pad_id: int, batch_size: int, rt, average: bool = False) -> torch.Tensor:
     """(N, 2) log pi(chosen), log pi(rejected) of every pair, in batches, in eval mode."""
-    was_training = model.training
-    model.eval()
     out = []
-    for i in range(0, len(pairs), batch_size):
-        idx, targets = collate_pairs(pairs[i:i + batch_size], pad_id)
-        with rt.autocast():
-            chosen, rejected = concatenated_logps(model, idx.to(rt.device), targets.to(rt.device), average)
-        out.append(torch.stack([chosen, rejected], 1).float().cpu())
-    model.train(was_training)
+    with eval_mode(model):
+        for i in range(0, len(pairs), batch_size):
+            idx, targets = collate_pairs(pairs[i:i + batch_size], pad_id)
+            with rt.autocast():
+                chosen, rejected = concatenated_logps(model, idx.to(rt.device), targets.to(rt.device), average)
+            out.append(torch.stack([chosen, rejected], 1).float().cpu())
     return torch.cat(out)
 
 
@@ -299,30 +282,6 @@ def preference_metrics(prefix: str, losses, chosen_rewards, rejected_rewards, ch
             f"{prefix}/rewards/accuracy": accuracy.mean().item(), f"{prefix}/rewards/margin": margin.mean().item(),
             f"{prefix}/logps/chosen": chosen_logps.mean().item(),
             f"{prefix}/logps/rejected": rejected_logps.mean().item()}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# LoRA, and resuming (checkpoints are written by sft.save_policy: the merged policy, plus the adapter with LoRA)
-
-
-def add_lora(policy, args: Args):
-    """LoRA adapters (NF4 base weights with --qlora) on the policy's attention and MLP projections (lora.py)."""
-    print(apply_lora(policy, args.lora_rank, args.lora_alpha, qlora=args.qlora))
-    return policy
-
-
-def load_state(run_dir: Path, policy, optimizer, lora: bool) -> dict:
-    """The policy (or, with LoRA, its adapter: the base stays the SFT model's) and the optimizer of runs/<run>/latest;
-    returns the run's metadata."""
-    if not lora:
-        return load_checkpoint(run_dir, policy, optimizer)
-    ckpt = run_dir / "latest"
-    if not (ckpt / "adapter").is_dir():
-        raise InputError(f"--resume: no LoRA checkpoint in {run_dir} (expected {ckpt}/adapter/)")
-    load_adapter(policy, ckpt / "adapter")
-    state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    return json.loads((ckpt / "run.json").read_text())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -352,9 +311,8 @@ def main(args: Args) -> dict:
     policy, tokenizer = load_policy(args.init_from, dropout=args.dropout)
     block_size, eot = min(policy.config.block_size, args.max_length or 10**9), tokenizer.eot_token
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    if args.lora_rank:
-        torch.manual_seed(args.seed)  # LoRA's initial A: the same in every run with this seed
-        policy = add_lora(policy, args)  # the reference stays the full-precision SFT model
+    if args.lora_rank:  # LoRA adapters (NF4 base weights with --qlora); the reference stays the full SFT model
+        print(add_lora(policy, args.lora_rank, args.lora_alpha, args.qlora, args.seed))
     policy.to(rt.device)
     reference.to(rt.device)
 
@@ -374,7 +332,7 @@ def main(args: Args) -> dict:
                                     rt.device.type)
     start, before = 0, None
     if args.resume:
-        resumed = load_state(run_dir, policy, optimizer, bool(args.lora_rank))
+        resumed = resume_policy(run_dir, policy, optimizer, lora=bool(args.lora_rank))
         start, before = resumed["step"], resumed.get("before")
         print(f"resumed {run_dir} at step {start}")
     model = torch.compile(policy) if args.compile else policy

@@ -4,10 +4,11 @@
     -> preference pairs labelled by the gold judge (reward_model.py pairs) -> reward model (reward_model.py train)
     -> PPO (ppo_rlhf.py) and DPO (dpo.py)
 
-then every policy (SFT, PPO, DPO) is judged the same way: one sampled response (temperature 1) to each of the same
-held-out prompts, scored by the gold judge and by the reward model, and the KL to the SFT policy of those samples
-(the sum over response tokens of log pi - log pi_sft, whose mean estimates KL(pi || pi_sft)). Because the task's
-true reward is known (alignment_task.gold_reward), the table shows what each method gains and what it pays.
+then every policy (SFT, PPO, DPO) is judged the same way (policy.evaluate_policy): one sampled response
+(temperature 1) to each of the same held-out prompts, scored by the gold judge and by the reward model, and the KL
+to the SFT policy of those samples (the sum over response tokens of log pi - log pi_sft, whose mean estimates
+KL(pi || pi_sft)). Because the task's true reward is known (alignment_task.gold_reward), the table shows what each
+method gains and what it pays.
 
 Subcommands:
     run        the pipeline with each script's default configuration, then the comparison table
@@ -17,8 +18,8 @@ Subcommands:
                turns down (Gao et al. 2022, "Scaling laws for reward model overoptimization"), saved as a PNG
 
 Run it:
-    python pipeline.py run                  # 23.6 min on 2 idle CPU cores (README); --reuse keeps finished stages
-    python pipeline.py run --reuse          # only what is missing, then the table
+    python pipeline.py run                  # every stage, then the table
+    python pipeline.py run --reuse          # only what is missing (finished stages are kept), then the table
     python pipeline.py sweep                # after `run`: PPO and DPO at 4 betas each
     python pipeline.py overopt              # after `run`: a long PPO run
 """
@@ -38,14 +39,14 @@ import minigpt
 import ppo_rlhf
 import reward_model
 import sft
-import training
-from alignment_task import gold_rewards, make_instructions
-from minigpt import load_pretrained
+from policy import evaluate_policy, load_policy, task_prompts
 from training import InputError, setup_runtime
 
 
 @dataclass
 class RunArgs:
+    """pretrain, SFT, pairs, reward model, PPO, DPO with each script's defaults, then the comparison table"""
+
     seed: int = 1337
     """random seed of every stage"""
     device: str = "auto"
@@ -70,6 +71,8 @@ class RunArgs:
 
 @dataclass
 class SweepArgs(RunArgs):
+    """after `run`: PPO and DPO at several betas, gold reward against KL to the SFT policy, saved as a PNG"""
+
     ppo_betas: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0)
     """KL coefficients of the PPO runs"""
     dpo_betas: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0)
@@ -82,6 +85,8 @@ class SweepArgs(RunArgs):
 
 @dataclass
 class OveroptArgs(RunArgs):
+    """after `run`: one long PPO run with a small KL penalty, reward-model score against gold reward, as a PNG"""
+
     kl_coef: float = 0.005
     """a small KL penalty, so that the policy can travel far from the SFT policy"""
     total_steps: int = 120
@@ -97,26 +102,24 @@ class OveroptArgs(RunArgs):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def compare_prompts(n: int) -> list[str]:
+def compare_prompts(tokenizer, n: int) -> list[str]:
     """Held-out prompts shared by every policy's evaluation (a draw of the test split no stage trains on)."""
-    return [r["prompt"] for r in make_instructions(n, "test", seed=12345)]
+    return task_prompts(tokenizer, n, "test", seed=12345)
 
 
 def judge(policy_dir: str | Path, sft_model, rm, tokenizer, prompts: list[str], rt, max_new_tokens: int,
           seed: int) -> dict:
-    """Gold reward, reward-model score and KL to the SFT policy of one sample per prompt (temperature 1)."""
-    policy, _ = load_pretrained(str(policy_dir))
-    policy.to(rt.device).eval()
-    texts, tokens, ended = sft.generate_responses(policy, tokenizer, prompts, max_new_tokens, 1.0, None,
-                                                  training.seeded(seed, 4242, device=rt.device), device=rt.device)
-    kls = sft.sequence_kl(policy, sft_model, tokenizer, prompts, tokens, ended, rt.device)
+    """Gold reward, reward-model score and KL to the SFT policy of one sample per prompt (temperature 1): the same
+    draws of the sampling generator for every policy."""
+    policy, _ = load_policy(str(policy_dir))
+    policy.to(rt.device)
+    ev = evaluate_policy(policy, tokenizer, prompts, rt, sft_model, max_new_tokens, temperature=1.0, seed=seed,
+                         stream=4242)
     scores = [(s - rm.reward_mean) / rm.reward_std
-              for s in reward_model.score_texts(rm, tokenizer, prompts, texts, rt.device)]
-    gold = gold_rewards(prompts, texts)
-    return {"gold_reward": float(np.mean(gold)), "gold_sem": float(np.std(gold) / np.sqrt(len(gold))),
-            "rm_score": float(np.mean(scores)), "kl": float(np.mean(kls)),
-            "length": float(np.mean([len(t) for t in tokens])), "no_eos": 1.0 - float(np.mean(ended)),
-            "examples": [{"prompt": p, "response": t} for p, t in list(zip(prompts, texts, strict=True))[:3]]}
+              for s in reward_model.score_texts(rm, tokenizer, prompts, ev["samples"], rt.device)]
+    return {**{k: ev[k] for k in ("gold_reward", "gold_sem", "kl", "length", "no_eos")},
+            "rm_score": float(np.mean(scores)),
+            "examples": [{"prompt": p, "response": t} for p, t in list(zip(prompts, ev["samples"], strict=True))[:3]]}
 
 
 def pair_paths(out: Path, prefix: str, suffix: str = "") -> dict:
@@ -139,7 +142,7 @@ def made_with(run_dir: Path, run_args) -> bool:
 
 
 def load_judges(out: Path, rt):
-    sft_model, tokenizer = load_pretrained(str(out / "sft" / "latest"))
+    sft_model, tokenizer = load_policy(str(out / "sft" / "latest"))
     rm, _ = reward_model.load_reward_model(out / "reward_model" / "latest")
     return sft_model.to(rt.device).eval(), rm.to(rt.device).eval(), tokenizer
 
@@ -181,7 +184,7 @@ def run(args: RunArgs) -> dict:
     t0 = time.perf_counter()
     rt = setup_runtime(args.device, "float32")
     sft_model, rm, tokenizer = load_judges(out, rt)
-    prompts = compare_prompts(args.n_compare_prompts)
+    prompts = compare_prompts(tokenizer, args.n_compare_prompts)
     rows = {name: judge(out / name / "latest", sft_model, rm, tokenizer, prompts, rt, args.max_new_tokens, args.seed)
             for name in ("sft", "ppo", "dpo")}
     timings["comparison"] = time.perf_counter() - t0
@@ -224,7 +227,7 @@ def sweep(args: SweepArgs) -> dict:
     common = dict(seed=args.seed, device=args.device, output_dir=args.output_dir)
     rt = setup_runtime(args.device, "float32")
     sft_model, rm, tokenizer = load_judges(out, rt)
-    prompts = compare_prompts(args.n_compare_prompts)
+    prompts = compare_prompts(tokenizer, args.n_compare_prompts)
     points = {"ppo": [], "dpo": []}
     sft_dir, rm_dir = str(out / "sft" / "latest"), str(out / "reward_model" / "latest")
     runs = [("ppo", beta, ppo_rlhf.Args(**common, run_name=f"sweep/ppo-beta{beta:g}", kl_coef=beta,
@@ -283,7 +286,8 @@ def overopt(args: OveroptArgs) -> dict:
         ppo_rlhf.main(ppo_rlhf.Args(seed=args.seed, device=args.device, output_dir=args.output_dir,
                                     run_name="overopt", kl_coef=args.kl_coef, total_steps=args.total_steps,
                                     learning_rate=args.learning_rate, eval_interval=args.eval_interval,
-                                    policy=str(out / "sft" / "latest"), reward_model=str(out / "reward_model" / "latest")))
+                                    policy=str(out / "sft" / "latest"),
+                                    reward_model=str(out / "reward_model" / "latest")))
     history = json.loads((out / "overopt" / "history.json").read_text())
     train = history["train"]
     steps = [h["step"] for h in train]
@@ -291,7 +295,8 @@ def overopt(args: OveroptArgs) -> dict:
     fig, ax1 = plt.subplots(figsize=(6.5, 4.2))
     ax1.plot(steps[4:], smooth([h["train/rm_score"] for h in train]), color="tab:blue", label="reward-model score")
     ax1.plot(steps[4:], smooth([h["train/gold_reward"] for h in train]), color="tab:green", label="gold reward")
-    ax1.axhline(train[0]["train/gold_reward"], color="tab:green", ls=":", lw=1, label="gold reward, first rollout (SFT policy)")
+    ax1.axhline(train[0]["train/gold_reward"], color="tab:green", ls=":", lw=1,
+                label="gold reward, first rollout (SFT policy)")
     ax1.set_xlabel("PPO step")
     ax1.set_ylabel("reward of samples (5-step mean)")
     ax2 = ax1.twinx()

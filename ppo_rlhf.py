@@ -21,7 +21,8 @@ samples: the true reward gained, and the KL paid for it. The same metrics on a f
 greedy decoding are logged every eval interval.
 
 Pieces, top to bottom: masking helpers, the KL estimator and controllers, the per-token rewards, `compute_gae`,
-`policy_loss`, `value_loss`, the actors' forward pass, rollouts, evaluation, then `main`.
+`policy_loss`, `value_loss`, the actors' forward pass, rollouts, evaluation, then `main`. Loading the policy and
+encoding its prompts are policy.py's.
 
 Run it (after sft.py and reward_model.py have written runs/sft/ and runs/reward_model/):
     python ppo_rlhf.py                          # the default run on CPU: 60 steps of 64 rollouts
@@ -49,11 +50,12 @@ import tyro
 from tqdm.auto import tqdm
 
 import alignment_task as task
-from minigpt import load_pretrained
+from policy import encode_prompts, load_policy, task_prompts
 from reward_model import load_reward_model
 from training import (
     InputError,
     Logger,
+    RunArgs,
     Runtime,
     configure_optimizer,
     derived_seed,
@@ -66,26 +68,13 @@ from training import (
 
 
 @dataclass
-class Args:
-    # --- common to every script ---
-    seed: int = 1337
-    """random seed; every random choice of a run is a function of (seed, rank, step)"""
-    device: str = "auto"
-    """'auto' (cuda, then mps, then cpu), or a torch device such as 'cpu', 'cuda', 'cuda:1'"""
-    dtype: str = "auto"
-    """'auto' (bfloat16 autocast on CUDA where supported, else float32), 'bfloat16' or 'float32'"""
+class Args(RunArgs):
+    """Align the SFT policy to a reward model with PPO and a KL penalty to the SFT policy."""
+
+    # --- the common options (training.RunArgs), where they differ here ---
+    run_name: str = "ppo"
     compile: bool = False
     """compile the policy's forward pass with torch.compile (rollout generation stays eager)"""
-    track: bool = False
-    """log metrics to Weights & Biases (WANDB_MODE=offline works without a network)"""
-    wandb_project: str = "minillm"
-    """Weights & Biases project"""
-    run_name: str = "ppo"
-    """name of the run: checkpoints go to <output-dir>/<run-name>/"""
-    output_dir: str = "runs"
-    """directory that holds the runs"""
-    resume: bool = False
-    """continue the run in <output-dir>/<run-name>/ from its latest checkpoint"""
     # --- actors ---
     policy: str = "runs/sft/latest"
     """the SFT policy, also the frozen reference: a checkpoint directory of sft.py, or a Hugging Face GPT-2 (a hub
@@ -375,15 +364,6 @@ def response_logits(model, idx, attention_mask, n_prompt: int, temperature: floa
     return (model.lm_head(h).float() / temperature).log_softmax(-1), h
 
 
-def encode_prompts(tokenizer, prompts: list[str], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompt ids (B, P) and their attention mask (B, P): every response starts at column P."""
-    ids = [tokenizer.encode(p) for p in prompts]
-    P = max(map(len, ids))
-    idx = torch.tensor([[pad_id] * (P - len(x)) + x for x in ids], device=device)
-    mask = torch.tensor([[0] * (P - len(x)) + [1] * len(x) for x in ids], device=device)
-    return idx, mask
-
-
 def decode_responses(tokenizer, response: torch.Tensor, mask: torch.Tensor, eot: int) -> list[str]:
     """The text of each response, without its end-of-text token and the padding after it."""
     return [tokenizer.decode([t for t, m in zip(row, keep, strict=True) if m and t != eot])
@@ -404,7 +384,7 @@ def rollout(ac: ActorCritic, reference, reward_model, tokenizer, prompts: list[s
     summed over the response: with greedy decoding the sampled estimators do not estimate the KL."""
     eot = tokenizer.eot_token
     ac.eval()
-    prompt_idx, prompt_mask = encode_prompts(tokenizer, prompts, eot, rt.device)
+    prompt_idx, prompt_mask = encode_prompts(tokenizer, prompts, rt.device)  # left-padded (B, P)
     P = prompt_idx.size(1)
     with rt.autocast():
         seq = ac.policy.generate(prompt_idx, args.max_new_tokens, 0.0 if greedy else args.temperature,
@@ -438,7 +418,7 @@ def rollout(ac: ActorCritic, reference, reward_model, tokenizer, prompts: list[s
     rewards = rlhf_rewards(penalised, kl, mask, beta)
     texts = decode_responses(tokenizer, response, mask, eot)
     gold = torch.tensor(task.gold_rewards(prompts, texts))
-    lengths = mask.sum(1) - ended.float()  # tokens before the end token, as sft.evaluate_policy counts them
+    lengths = mask.sum(1) - ended.float()  # tokens before the end token, as policy.evaluate_policy counts them
     kl_exact = (out["kl_exact"] * mask).sum(1)
     seq_kl = kl_exact if greedy else kl.sum(1)
     metrics = {"rm_score": scores.mean().item(), "gold_reward": gold.mean().item(), "kl": seq_kl.mean().item(),
@@ -514,16 +494,17 @@ class TrainState:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def load_prompts(args: Args) -> tuple[list[str], list[str]]:
-    """(training prompts, held-out evaluation prompts): the alignment task's, or a hub data set's."""
+def load_prompts(args: Args, tokenizer) -> tuple[list[str], list[str]]:
+    """(training prompts, held-out evaluation prompts): the alignment task's in the policy's chat template, a hub
+    data set's, or those of JSONL files."""
     if args.dataset:
         train = [p["prompt"] for p in task.load_hub_pairs(args.dataset, "train")][:args.n_train_prompts]
         test = [p["prompt"] for p in task.load_hub_pairs(args.dataset, "test")][:args.n_eval_prompts]
         return train, test
     train = ([r["prompt"] for r in task.read_jsonl(args.prompts_path, ("prompt",))] if args.prompts_path else
-             [r["prompt"] for r in task.make_instructions(args.n_train_prompts, "train", seed=args.seed)])
+             task_prompts(tokenizer, args.n_train_prompts, "train", seed=args.seed))
     test = ([r["prompt"] for r in task.read_jsonl(args.eval_prompts_path, ("prompt",))] if args.eval_prompts_path
-            else [r["prompt"] for r in task.make_instructions(args.n_eval_prompts, "test", seed=0)])
+            else task_prompts(tokenizer, args.n_eval_prompts, "test", seed=0))
     return train, test[:args.n_eval_prompts]
 
 
@@ -550,10 +531,8 @@ def main(args: Args) -> dict:
 
     # --- actors: policy and reference from the SFT model, the frozen reward model ---
     torch.manual_seed(args.seed)  # the value head's initial weights
-    policy, tokenizer = load_pretrained(args.policy, dropout=0.0)  # no dropout in RL (Huang et al. 2022)
-    if tokenizer.eot_token is None:
-        raise InputError(f"--policy {args.policy}: its tokenizer has no end-of-text token, so responses cannot end; "
-                         "train the policy with sft.py")
+    # no dropout in RL (Huang et al. 2022); the SFT policy has learned to end its responses: no new end token
+    policy, tokenizer = load_policy(args.policy, dropout=0.0, add_eot=False)
     reward_model, rm_tokenizer = load_reward_model(args.reward_model)
     if rm_tokenizer.spec() != tokenizer.spec():
         raise InputError(f"--reward-model {args.reward_model}: its tokenizer ({rm_tokenizer.spec()['name']}) is not "
@@ -574,7 +553,7 @@ def main(args: Args) -> dict:
     state = TrainState(optimizer, ac, kl_ctl)
 
     # --- prompts ---
-    train_prompts, eval_prompts = load_prompts(args)
+    train_prompts, eval_prompts = load_prompts(args, tokenizer)
     limit = policy.config.block_size - args.max_new_tokens
     for name, prompts in (("training", train_prompts), ("evaluation", eval_prompts)):
         for i, p in enumerate(prompts):

@@ -9,15 +9,16 @@ checkpoint. The checkpoint is a Hugging Face directory that `transformers.GPT2Fo
 equal (raw) scores.
 
 Subcommands:
-    pairs   sample responses of the SFT policy, label them with the gold judge, write preference JSONL
-            (data/alignment/pairs_{train,test}.jsonl; --label-noise flips a fraction, like disagreeing raters)
+    pairs   sample K responses of the SFT policy per prompt, rank them with the gold judge, write the preference
+            pairs as JSONL (data/alignment/pairs_{train,test}.jsonl; --label-noise flips a fraction, like
+            disagreeing raters); dpo.py trains on the same files
     train   train the reward model on them (runs/reward_model/), report held-out pairwise accuracy and the
             agreement with the gold judge on fresh samples (pairwise accuracy, Spearman rank correlation)
     score   print the reward of one response
 
 Run it (after `python sft.py`):
-    python reward_model.py pairs                      # ~4 min on 2 CPU cores
-    python reward_model.py train                      # ~3 min
+    python reward_model.py pairs
+    python reward_model.py train
     python reward_model.py score --prompt "Say something about love." --response " O, how I love thee!"
     python reward_model.py pairs --label-noise 0.2    # noisy raters
     python reward_model.py train --pairs-train hh_train.jsonl --pairs-test hh_test.jsonl   # any pairs in this layout
@@ -42,13 +43,14 @@ import tyro
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from alignment_task import deciding_terms, format_prompt, gold_reward, make_instructions, read_pairs, write_jsonl
+from alignment_task import deciding_terms, gold_reward, read_pairs, write_jsonl
 from assets import DATA_DIR
 from minigpt import GPT, GPTConfig, get_tokenizer
-from sft import generate_responses, load_policy
+from policy import as_prompt, eval_mode, generate_responses, load_policy, task_prompts
 from training import (
     InputError,
     Logger,
+    RunArgs,
     atomic_write,
     configure_optimizer,
     derived_seed,
@@ -63,30 +65,9 @@ from training import (
 
 
 @dataclass
-class Args:
-    # --- common to every script ---
-    seed: int = 1337
-    """random seed; every random choice of a run is a function of (seed, rank, iteration)"""
-    device: str = "auto"
-    """'auto' (cuda, then mps, then cpu), or a torch device such as 'cpu', 'cuda', 'cuda:1'"""
-    dtype: str = "auto"
-    """'auto' (bfloat16 autocast on CUDA where supported, else float32), 'bfloat16' or 'float32'"""
-    compile: bool = False
-    """compile the model with torch.compile"""
-    track: bool = False
-    """log metrics to Weights & Biases (WANDB_MODE=offline works without a network)"""
-    wandb_project: str = "minillm"
-    """Weights & Biases project"""
-    run_name: str = "reward_model"
-    """name of the run: checkpoints go to <output-dir>/<run-name>/"""
-    output_dir: str = "runs"
-    """directory that holds the runs"""
-    resume: bool = False
-    """continue the run in <output-dir>/<run-name>/ from its latest checkpoint"""
-
-
-@dataclass
 class PairsArgs:
+    """sample K responses of the SFT policy per prompt and write the pairs the gold judge prefers (JSONL)"""
+
     seed: int = 1337
     """random seed of the sampling and of the label noise"""
     device: str = "auto"
@@ -115,7 +96,11 @@ class PairsArgs:
 
 
 @dataclass
-class TrainArgs(Args):
+class TrainArgs(RunArgs):
+    """train the reward model on preference pairs; report its accuracy and its agreement with the gold judge"""
+
+    # --- the common options (training.RunArgs), where they differ here ---
+    run_name: str = "reward_model"
     # --- data ---
     pairs_train: str = str(DATA_DIR / "alignment" / "pairs_train.jsonl")
     """preference pairs to train on: JSONL rows {"prompt", "chosen", "rejected"}"""
@@ -166,6 +151,8 @@ class TrainArgs(Args):
 
 @dataclass
 class ScoreArgs:
+    """print the reward of one response to one prompt"""
+
     model: str = "runs/reward_model/latest"
     """the reward model directory"""
     prompt: str = "Say something about love."
@@ -298,19 +285,16 @@ def count_pairs(batch) -> int:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def pair_margins(model, pairs, pad_id: int, rt, batch_size: int = 64) -> torch.Tensor:
     """r_chosen - r_rejected of every pair (N,), in eval mode."""
-    was_training = model.training
-    model.eval()
     out = []
-    for i in range(0, len(pairs), batch_size):
-        idx, mask = pair_batch(pairs[i: i + batch_size], pad_id, rt.device)
-        with rt.autocast():
-            r = model(idx, mask)
-        n = idx.size(0) // 2
-        out.append((r[:n] - r[n:]).float().cpu())
-    model.train(was_training)
+    with eval_mode(model):
+        for i in range(0, len(pairs), batch_size):
+            idx, mask = pair_batch(pairs[i: i + batch_size], pad_id, rt.device)
+            with rt.autocast():
+                r = model(idx, mask)
+            n = idx.size(0) // 2
+            out.append((r[:n] - r[n:]).float().cpu())
     return torch.cat(out)
 
 
@@ -331,10 +315,10 @@ def accuracy_by_term(margins: torch.Tensor, rows: list[dict]) -> dict[str, dict]
 
 @torch.no_grad()
 def score_texts(model, tokenizer, prompts: list[str], responses: list[str], device="cpu", batch_size: int = 64):
-    """Raw rewards of (prompt, response) pairs; an empty response is scored on the prompt alone."""
+    """Raw rewards of (prompt, response) pairs (encode_sequence); an empty response is scored on the prompt alone."""
     out = []
     for i in range(0, len(prompts), batch_size):
-        seqs = [(tokenizer.encode(p) + tokenizer.encode(r))[: model.config.block_size]
+        seqs = [encode_sequence(tokenizer, p, r, model.config.block_size)
                 for p, r in zip(prompts[i: i + batch_size], responses[i: i + batch_size], strict=True)]
         out += model(*right_pad(seqs, tokenizer.eot_token, device)).tolist()
     return out
@@ -351,22 +335,47 @@ def rank_correlation(a, b) -> float:
             r[x == v] = r[x == v].mean()
         return r
     ra, rb = ranks(a), ranks(b)
+    if np.ptp(ra) == 0 or np.ptp(rb) == 0:
+        return float("nan")  # a constant ranks nothing: the correlation is undefined
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Subcommands
+# The data: preference pairs of the SFT policy's own samples, labelled by the gold judge
+
+
+def rank_pairs(prompt: str, responses: list[str], comparisons: str = "all", label_noise: float = 0.0,
+               rng: random.Random | None = None) -> tuple[list[dict], int]:
+    """The preference pairs of one prompt's K responses, ranked by the gold judge: every pair whose gold rewards
+    differ ('all', up to K(K-1)/2, as InstructGPT collects rankings of K responses; Ouyang et al. 2022, sec. 3.5), or
+    the best against the worst ('extremes'). With label_noise each pair's label is swapped with that probability (a
+    draw of rng per pair), like a rater who disagrees. Returns (rows {"prompt", "chosen", "rejected", "chosen_gold",
+    "rejected_gold"}, labels swapped); no rows if every response scores the same.
+
+    An empty response stays (the gold judge gives it -1): a reward model that never saw one can rank saying nothing
+    above everything, and PPO finds that hole within a few steps."""
+    scored = sorted(((gold_reward(prompt, t), t) for t in responses), key=lambda s: s[0], reverse=True)
+    if comparisons == "extremes":
+        scored = scored[:1] + scored[-1:]
+    pairs = [(a, b) for j, a in enumerate(scored) for b in scored[j + 1:] if a[0] - b[0] > 1e-6]  # a tie: no pair
+    rows, flipped = [], 0
+    for (hi, best), (lo, worst) in pairs:
+        if label_noise and rng.random() < label_noise:
+            (hi, best), (lo, worst), flipped = (lo, worst), (hi, best), flipped + 1
+        rows.append({"prompt": prompt, "chosen": best, "rejected": worst, "chosen_gold": hi, "rejected_gold": lo})
+    return rows, flipped
 
 
 def make_pairs(args: PairsArgs) -> dict:
-    """Sample K responses of the SFT policy per prompt, rank them by the gold judge, write the pairs it prefers."""
+    """The `pairs` subcommand: sample K responses of the SFT policy per prompt of each split, rank them by the gold
+    judge (rank_pairs), write pairs_train.jsonl and pairs_test.jsonl."""
     rt = setup_runtime(args.device, "float32")
     policy, tokenizer = load_policy(args.policy)
     policy.to(rt.device)
     rng = random.Random(args.seed)
     stats = {}
     for split, n in (("train", args.n_train_prompts), ("test", args.n_test_prompts)):
-        prompts = [r["prompt"] for r in make_instructions(n, split, args.seed + 1)]  # not SFT's draw of prompts
+        prompts = task_prompts(tokenizer, n, split, args.seed + 1)  # not SFT's draw of prompts
         k = args.samples_per_prompt
         g = seeded(args.seed, 99, 0 if split == "train" else 1, device=rt.device)
         t0 = time.perf_counter()
@@ -374,19 +383,9 @@ def make_pairs(args: PairsArgs) -> dict:
                                          args.max_new_tokens, args.temperature, None, g, args.batch_size, rt.device)
         rows, ties, flipped = [], 0, 0
         for i, prompt in enumerate(prompts):
-            # empty responses stay (the gold judge gives them -1): a reward model that never saw one can rank saying
-            # nothing above everything, and PPO finds that hole within a few steps
-            scored = sorted(((gold_reward(prompt, t), t) for t in texts[i * k: (i + 1) * k]), key=lambda s: s[0],
-                            reverse=True)
-            if args.comparisons == "extremes":
-                scored = scored[:1] + scored[-1:]
-            pairs = [(a, b) for j, a in enumerate(scored) for b in scored[j + 1:] if a[0] - b[0] > 1e-6]
-            ties += not pairs  # nothing to prefer: every sample scores the same
-            for (hi, best), (lo, worst) in pairs:
-                if rng.random() < args.label_noise:
-                    (hi, best), (lo, worst), flipped = (lo, worst), (hi, best), flipped + 1
-                rows.append({"prompt": prompt, "chosen": best, "rejected": worst, "chosen_gold": hi,
-                             "rejected_gold": lo})
+            pairs, f = rank_pairs(prompt, texts[i * k: (i + 1) * k], args.comparisons, args.label_noise, rng)
+            rows += pairs
+            ties, flipped = ties + (not pairs), flipped + f  # ties: prompts whose samples all score the same
         path = Path(args.out_dir) / f"pairs_{split}.jsonl"
         if not rows:
             raise InputError(f"{args.policy}: every prompt's {k} samples tie under the gold judge: no pairs for "
@@ -396,6 +395,10 @@ def make_pairs(args: PairsArgs) -> dict:
         print(f"{split}: {len(prompts) * k:,} samples in {time.perf_counter() - t0:.0f}s -> {len(rows):,} pairs "
               f"({ties} prompts skipped: all samples tie; {flipped} labels flipped) -> {path}")
     return stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Subcommands: train, score
 
 
 def load_pair_data(args: TrainArgs) -> tuple[list[dict], list[dict], str]:
@@ -486,8 +489,7 @@ def train(args: TrainArgs) -> dict:
     results = {**history, "run_dir": run_dir}
     if rt.master:
         policy.to(rt.device)
-        prompts = [r["prompt"] for r in make_instructions(args.n_judge_prompts, "test", args.seed + 2)]
-        prompts = [p for p in prompts for _ in range(2)]
+        prompts = [p for p in task_prompts(tokenizer, args.n_judge_prompts, "test", args.seed + 2) for _ in range(2)]
         texts, _, _ = generate_responses(policy, tokenizer, prompts, args.max_new_tokens, args.temperature, None,
                                          seeded(args.seed, 98, device=rt.device), device=rt.device)
         raw_model.eval()
@@ -524,7 +526,7 @@ def score(args: ScoreArgs) -> float:
     rt = setup_runtime(args.device, "float32")
     model, tokenizer = load_reward_model(args.model)
     model.to(rt.device).eval()
-    prompt = args.prompt if "\n\nAssistant:" in args.prompt else format_prompt(args.prompt)
+    prompt = as_prompt(tokenizer, args.prompt)
     raw = score_texts(model, tokenizer, [prompt], [args.response], rt.device)[0]
     norm = (raw - model.reward_mean) / model.reward_std
     print(f"reward {norm:+.4f} (raw {raw:+.4f}; gold judge {gold_reward(prompt, args.response):+.4f})")

@@ -9,42 +9,49 @@ loss). The loss is normalised per response token over the whole optimizer step (
 The default run fine-tunes minigpt's Shakespeare model on the offline alignment task (alignment_task.py: three task
 types, a held-out split from unseen plays) and reports the held-out loss and the gold reward of samples before and
 after. The output, runs/sft/latest, is the policy that reward_model.py, ppo_rlhf.py and dpo.py start from; it is a
-Hugging Face GPT-2 directory (GPT2LMHeadModel.from_pretrained loads it) with the tokenizer in run.json.
+Hugging Face GPT-2 directory (GPT2LMHeadModel.from_pretrained loads it) with the tokenizer in run.json. What every
+stage does with a policy (load, LoRA, save, resume, encode examples, sample, judge) is in policy.py; here are SFT's
+data, loss and loop.
 
 Run it:
-    python minigpt.py --run-name pretrain --block-size 128 --batch-size 6   # once: the base model (~7 min on CPU)
-    python sft.py                                        # fine-tune it on the alignment task (~4 min on 2 CPU cores)
+    python minigpt.py --run-name pretrain --block-size 128 --batch-size 6   # once: the base model
+    python sft.py                                        # fine-tune it on the alignment task
     python sft.py --packing                              # packed rows: same loss, fewer padding tokens
     python sft.py --resume                               # continue runs/sft exactly where it stopped
     python sft.py --init-from gpt2 --dataset tatsu-lab/alpaca --device cuda   # with a hub: GPT-2 on Alpaca
     torchrun --standalone --nproc_per_node=2 sft.py      # DDP
 """
 
-import copy
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 import tyro
 from tqdm.auto import tqdm
 
-from alignment_task import gold_rewards, make_instructions, read_jsonl
-from lora import apply_lora, load_adapter, merge_and_unload, save_adapter
-from minigpt import CharTokenizer, left_pad, load_pretrained
+from alignment_task import make_instructions, read_jsonl
+from policy import (
+    add_lora,
+    encode_example,
+    eval_mode,
+    evaluate_policy,
+    load_policy,
+    padded_batch,
+    resume_policy,
+    save_policy,
+)
 from training import (
     InputError,
     Logger,
+    RunArgs,
     configure_optimizer,
+    count_targets,
     derived_seed,
-    load_checkpoint,
     lr_at,
-    save_checkpoint,
     seeded,
     setup_runtime,
     sync,
@@ -53,26 +60,11 @@ from training import (
 
 
 @dataclass
-class Args:
-    # --- common to every script ---
-    seed: int = 1337
-    """random seed; every random choice of a run is a function of (seed, rank, iteration)"""
-    device: str = "auto"
-    """'auto' (cuda, then mps, then cpu), or a torch device such as 'cpu', 'cuda', 'cuda:1'"""
-    dtype: str = "auto"
-    """'auto' (bfloat16 autocast on CUDA where supported, else float32), 'bfloat16' or 'float32'"""
-    compile: bool = False
-    """compile the model with torch.compile"""
-    track: bool = False
-    """log metrics to Weights & Biases (WANDB_MODE=offline works without a network)"""
-    wandb_project: str = "minillm"
-    """Weights & Biases project"""
+class Args(RunArgs):
+    """Supervised fine-tuning of a GPT on prompt/response pairs: the first stage of RLHF."""
+
+    # --- the common options (training.RunArgs), where they differ here ---
     run_name: str = "sft"
-    """name of the run: checkpoints go to <output-dir>/<run-name>/"""
-    output_dir: str = "runs"
-    """directory that holds the runs"""
-    resume: bool = False
-    """continue the run in <output-dir>/<run-name>/ from its latest checkpoint"""
     # --- data ---
     data_path: str | None = None
     """a JSONL file of {"prompt", "response"} rows (prompt: the formatted prompt); default: the alignment task"""
@@ -134,21 +126,7 @@ class Args:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Examples -> token ids with a loss mask
-
-
-def encode_example(tokenizer, prompt: str, response: str, block_size: int,
-                   allow_empty: bool = False) -> tuple[list[int], int]:
-    """(ids, n_prompt): ids = tokens(prompt) + tokens(response) + [end of text]; the loss counts ids[n_prompt:] only.
-    A model reads ids[:-1], so ids may hold block_size + 1 tokens; a longer response is cut (and loses its end).
-    An empty response is an error in instruction data; allow_empty (preference pairs) keeps it as the end token."""
-    if not response.strip() and not allow_empty:
-        raise InputError("the response is empty")
-    p = tokenizer.encode(prompt)
-    if len(p) >= block_size:
-        raise InputError(f"the prompt has {len(p)} tokens, the model's context is {block_size}: no room for a response")
-    ids = p + tokenizer.encode(response) + [tokenizer.eot_token]
-    return ids[: block_size + 1], len(p)
+# Instruction data -> token ids with a loss mask (policy.encode_example: prompt, response, end token)
 
 
 def encode_all(tokenizer, rows: list[dict], block_size: int, source: str) -> tuple[list[tuple[list[int], int]], int]:
@@ -164,23 +142,11 @@ def encode_all(tokenizer, rows: list[dict], block_size: int, source: str) -> tup
     return out, cut
 
 
-def padded_batch(examples: list[tuple[list[int], int]], pad_id: int, device="cpu"):
-    """(x, y), one example per row, right-padded. y[b, t] = ids[t + 1] for response tokens, -100 elsewhere (prompt
-    and padding). Right padding needs no attention mask: causal attention never looks right of a real token."""
-    T = max(len(ids) for ids, _ in examples) - 1
-    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    y = torch.full((len(examples), T), -100, dtype=torch.long)
-    for b, (ids, n_prompt) in enumerate(examples):
-        t = torch.tensor(ids)
-        x[b, : len(ids) - 1] = t[:-1]
-        y[b, n_prompt - 1: len(ids) - 1] = t[n_prompt:]  # position n_prompt-1 predicts the first response token
-    return x.to(device), y.to(device)
-
-
 def pack_examples(examples: list[tuple[list[int], int]], block_size: int, pad_id: int):
     """Packed rows (x, y, document_ids), each (n_rows, block_size): examples laid end to end in the given order, a
     new row when the next one does not fit (no example is split). document_ids keep each example attending to itself
-    only, with its own positions (minigpt.GPT.hidden_states), so a packed row gives each example's padded loss."""
+    only, with its own positions (minigpt.GPT.hidden_states), so a packed row gives each example's padded loss
+    (policy.padded_batch's)."""
     rows, cur = [], []
     for ids, n_prompt in examples:
         if cur and sum(len(e[0]) - 1 for e in cur) + len(ids) - 1 > block_size:
@@ -209,102 +175,29 @@ def sft_loss_sum(model, batch):
     return model(x, y, reduction="sum", document_ids=doc[0] if doc else None)[1]
 
 
-def count_response_tokens(batch) -> int:
-    return int((batch[1] != -100).sum())
-
-
 @torch.no_grad()
 def heldout_loss(model, examples, pad_id: int, rt, batch_size: int = 64) -> float:
-    """Mean cross-entropy per response token over all held-out examples."""
-    model.eval()
+    """Mean cross-entropy per response token over all held-out examples, in eval mode."""
     total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        x, y = padded_batch(examples[i: i + batch_size], pad_id, rt.device)
-        with rt.autocast():
-            total += sft_loss_sum(model, (x, y)).item()
-        count += count_response_tokens((x, y))
-    model.train()
+    with eval_mode(model):
+        for i in range(0, len(examples), batch_size):
+            x, y = padded_batch(examples[i: i + batch_size], pad_id, rt.device)
+            with rt.autocast():
+                total += sft_loss_sum(model, (x, y)).item()
+            count += count_targets((x, y))  # response tokens
     return total / count
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Sampling a policy and judging its samples (used by reward_model.py, ppo_rlhf.py and dpo.py too)
 
 
-def response_logprobs(model, idx, attention_mask=None):
-    """(B, T-1): log p(idx[:, t+1] | idx[:, :t+1]) under the model, for every position."""
-    logits = model(idx, attention_mask=attention_mask)[0][:, :-1].float()
-    return torch.gather(F.log_softmax(logits, dim=-1), 2, idx[:, 1:, None]).squeeze(-1)
-
-
-@torch.no_grad()
-def generate_responses(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
-                       top_k: int | None = None, generator=None, batch_size: int = 64, device="cpu"):
-    """Sample one response per prompt with minigpt's batched, left-padded, KV-cached generate. Returns (texts,
-    token lists, ended): each response is cut at the end-of-text token (excluded from the text and tokens; ended
-    tells whether it was produced within max_new_tokens)."""
-    eot, block = tokenizer.eot_token, model.config.block_size
-    texts, tokens, ended = [], [], []
-    was_training = model.training
-    model.eval()
-    for i in range(0, len(prompts), batch_size):
-        enc = [tokenizer.encode(p) for p in prompts[i: i + batch_size]]
-        idx, mask = left_pad(enc, eot, device)
-        n_new = min(max_new_tokens, block - idx.size(1))
-        if n_new <= 0:
-            raise InputError(f"a prompt of {idx.size(1)} tokens leaves no room in the model's context ({block})")
-        out = model.generate(idx, n_new, temperature, top_k, eos_token_id=eot, attention_mask=mask,
-                             generator=generator)[:, idx.size(1):].tolist()
-        for row in out:
-            stop = row.index(eot) if eot in row else len(row)
-            tokens.append(row[:stop])
-            ended.append(stop < len(row))
-            texts.append(tokenizer.decode(row[:stop]))
-    model.train(was_training)
-    return texts, tokens, ended
-
-
-@torch.no_grad()
-def sequence_kl(model, ref_model, tokenizer, prompts: list[str], tokens: list[list[int]], ended: list[bool],
-                device="cpu", batch_size: int = 64) -> list[float]:
-    """Per sample, sum over its response tokens (and its end token) of log pi(y_t) - log pi_ref(y_t): the sampled
-    estimate of KL(pi || pi_ref) of the response (its mean over samples is the KL of the response distribution)."""
-    eot, kls = tokenizer.eot_token, []
-    for i in range(0, len(prompts), batch_size):
-        p_ids = [tokenizer.encode(p) for p in prompts[i: i + batch_size]]
-        r_ids = [t + [eot] * e for t, e in zip(tokens[i: i + batch_size], ended[i: i + batch_size], strict=True)]
-        seqs = [p + r for p, r in zip(p_ids, r_ids, strict=True)]
-        T = max(len(s) for s in seqs)
-        idx = torch.tensor([s + [eot] * (T - len(s)) for s in seqs], device=device)  # right-padded
-        diff = response_logprobs(model, idx) - response_logprobs(ref_model, idx)  # (B, T-1)
-        for b, (p, r) in enumerate(zip(p_ids, r_ids, strict=True)):
-            kls.append(diff[b, len(p) - 1: len(p) - 1 + len(r)].sum().item())
-    return kls
-
-
-def evaluate_policy(model, tokenizer, prompts: list[str], rt, ref_model=None, max_new_tokens: int = 96,
-                    temperature: float = 0.7, top_k: int | None = None, seed: int = 0) -> dict:
-    """Samples on fixed prompts, judged: mean gold reward, KL to ref_model (if given), response length in tokens,
-    fraction of responses without an end token; plus the samples themselves."""
-    texts, tokens, ended = generate_responses(model, tokenizer, prompts, max_new_tokens, temperature, top_k,
-                                              seeded(seed, 10**6 + 1, device=rt.device), device=rt.device)
-    out = {"gold_reward": float(np.mean(gold_rewards(prompts, texts))),
-           "length": float(np.mean([len(t) for t in tokens])), "no_eos": 1.0 - float(np.mean(ended)),
-           "samples": texts}
-    if ref_model is not None:
-        out["kl"] = float(np.mean(sequence_kl(model, ref_model, tokenizer, prompts, tokens, ended, rt.device)))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def load_data(args: Args) -> tuple[list[dict], list[dict], str]:
-    """(train rows, held-out rows, source name); rows are {"prompt", "response"}."""
+def load_data(args: Args, tokenizer) -> tuple[list[dict], list[dict], str]:
+    """(train rows, held-out rows, source name); rows are {"prompt", "response"}, the prompts of the alignment task
+    and of hub data in the tokenizer's chat template, those of --data-path as the file has them."""
     if args.dataset:
         from alignment_task import load_hub_instructions
 
-        rows = load_hub_instructions(args.dataset)
+        rows = load_hub_instructions(args.dataset, tokenizer=tokenizer)
         return rows[: -args.n_test], rows[-args.n_test:], args.dataset
     if args.data_path:
         rows = read_jsonl(args.data_path, ("prompt", "response"))
@@ -313,27 +206,8 @@ def load_data(args: Args) -> tuple[list[dict], list[dict], str]:
         if len(rows) <= args.n_test:
             raise InputError(f"{args.data_path}: {len(rows)} rows, not more than --n-test {args.n_test}")
         return rows[: -args.n_test], rows[-args.n_test:], args.data_path
-    return (make_instructions(args.n_train, "train", args.seed), make_instructions(args.n_test, "test", args.seed),
-            "alignment task")
-
-
-def load_policy(init_from: str, dropout: float = 0.0):
-    """The base model and a tokenizer that has an end-of-text token: a char-level base gains one (a new embedding
-    row, minigpt.GPT.resize_vocab); GPT-2's BPE has <|endoftext|>."""
-    model, tokenizer = load_pretrained(init_from, dropout=dropout)
-    if tokenizer.eot_token is None:
-        tokenizer = CharTokenizer(tokenizer.chars, eot=True)
-        model.resize_vocab(tokenizer.vocab_size)
-    return model, tokenizer
-
-
-def save_policy(run_dir: Path, model, optimizer, step: int, meta: dict, lora: bool = False):
-    """A checkpoint whose weights are a plain GPT-2 (what the next stages and transformers load). With LoRA these are
-    the merged weights of a copy; the adapter itself goes to adapter/ (PEFT's layout), from which --resume goes on."""
-    if not lora:
-        return save_checkpoint(run_dir, model, optimizer, step, meta)
-    merged = merge_and_unload(copy.deepcopy(model))
-    save_checkpoint(run_dir, merged, optimizer, step, meta, extra=lambda d: save_adapter(model, d / "adapter", meta))
+    return (make_instructions(args.n_train, "train", args.seed, tokenizer),
+            make_instructions(args.n_test, "test", args.seed, tokenizer), "alignment task")
 
 
 def main(args: Args) -> dict:
@@ -341,23 +215,17 @@ def main(args: Args) -> dict:
     rt = setup_runtime(args.device, args.dtype)
     run_dir = Path(args.output_dir) / args.run_name
 
-    # --- model: the base, with an end-of-text token; on --resume the run's own latest weights (with LoRA: the base
-    # and the run's adapter) ---
-    resume_full = args.resume and not args.lora_rank
-    model, tokenizer = load_policy(str(run_dir / "latest") if resume_full else args.init_from, args.dropout)
+    # --- model: the base, with an end-of-text token; with --lora-rank, LoRA adapters on it (the rest frozen) ---
+    model, tokenizer = load_policy(args.init_from, args.dropout)
     block = model.config.block_size
     if args.lora_rank:  # LoRA (Hu et al. 2021) / QLoRA (Dettmers et al. 2023): lora.py
-        torch.manual_seed(args.seed)  # A's random initialisation: a function of the seed, as every draw of a run
-        lora = apply_lora(model, args.lora_rank, args.lora_alpha, qlora=args.qlora)
+        lora = add_lora(model, args.lora_rank, args.lora_alpha, args.qlora, args.seed)
         if rt.master:
-            print(f"LoRA rank {args.lora_rank}{' on an NF4 base' if args.qlora else ''}: {lora['trainable']:,} of "
-                  f"{lora['total']:,} parameters trainable")
-        if args.resume:
-            load_adapter(model, run_dir / "latest" / "adapter", qlora=args.qlora)
+            print(lora)
     model.to(rt.device)
 
     # --- data: encoded once; the held-out split is judged by loss and by the gold reward of samples ---
-    train_rows, test_rows, source = load_data(args)
+    train_rows, test_rows, source = load_data(args, tokenizer)
     train, cut = encode_all(tokenizer, train_rows, block, source)
     test, _ = encode_all(tokenizer, test_rows, block, source + " (held out)")
     eot = tokenizer.eot_token
@@ -367,14 +235,10 @@ def main(args: Args) -> dict:
     optimizer = configure_optimizer(model, args.learning_rate, args.weight_decay, (args.beta1, args.beta2),
                                     rt.device.type)
     start = 0
-    if resume_full:
-        start = load_checkpoint(run_dir, model, optimizer)["step"]
-    elif args.resume:  # the adapter is loaded above; here the optimizer state and the step
-        state = torch.load(run_dir / "latest" / "train_state.pt", map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
-    if args.resume and rt.master:
-        print(f"resumed {run_dir} at step {start}")
+    if args.resume:  # the run's own latest weights (with LoRA: its adapter on the base) and optimizer state
+        start = resume_policy(run_dir, model, optimizer, lora=bool(args.lora_rank))["step"]
+        if rt.master:
+            print(f"resumed {run_dir} at step {start}")
     raw_model = model
     if args.compile:
         model = torch.compile(model)
@@ -425,9 +289,8 @@ def main(args: Args) -> dict:
             else:
                 rows = torch.randint(len(train), (args.batch_size,), generator=g).tolist()
                 batches.append(padded_batch([train[i] for i in rows], eot, rt.device))
-        n_tokens = sum(count_response_tokens(b) for b in batches) * rt.world_size
-        loss, grad_norm = train_step(model, optimizer, batches, rt, args.grad_clip, sft_loss_sum,
-                                     count_response_tokens)
+        n_tokens = sum(count_targets(b) for b in batches) * rt.world_size  # response tokens
+        loss, grad_norm = train_step(model, optimizer, batches, rt, args.grad_clip, sft_loss_sum, count_targets)
         history["train_loss"][step + 1] = loss
 
         sync(rt.device)

@@ -91,3 +91,16 @@ def test_hh_rlhf_conversation_split():
     assert prompt == "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: How are you?\n\nAssistant:"
     assert response == " Well, thanks."
     assert A.format_prompt("How are you?") == "\n\nHuman: How are you?\n\nAssistant:"
+
+
+def test_prompts_follow_the_tokenizer_chat_template():
+    class ChatML:
+        def chat(self, messages, add_generation_prompt=True):
+            return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + \
+                ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+    assert A.format_prompt("Hi.", ChatML()) == "<|im_start|>user\nHi.<|im_end|>\n<|im_start|>assistant\n"
+    hh, chatml = A.make_instructions(9, "test", 4), A.make_instructions(9, "test", 4, ChatML())
+    for a, b in zip(hh, chatml, strict=True):  # the same draw, the prompt rendered by the tokenizer's template
+        assert b["prompt"] == A.format_prompt(a["prompt"][len("\n\nHuman: "):-len("\n\nAssistant:")], ChatML())
+        assert (a["response"], a["task"]) == (b["response"], b["task"])

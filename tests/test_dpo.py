@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import dpo as D
+import policy
 import reward_model as RM
 import sft
 from alignment_task import gold_reward, make_instructions, read_pairs, write_jsonl
@@ -99,7 +100,7 @@ def test_loss_options_are_checked():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Sequence log-probabilities and the concatenated forward pass
+# Collating pairs and the concatenated forward pass (policy.sequence_logps: tests/test_policy.py)
 
 
 def tiny_gpt(vocab=23, seed=0) -> GPT:
@@ -120,29 +121,8 @@ def random_pairs(n, vocab, seed=0):
     return pairs
 
 
-def brute_force_logp(model, ids, n_prompt, average=False):
-    """log pi(response | prompt) one token at a time: the model run on each prefix alone."""
-    terms = []
-    for t in range(n_prompt, len(ids)):
-        logits, _ = model(torch.tensor([ids[:t]]))
-        terms.append(torch.log_softmax(logits[0, -1].double(), -1)[ids[t]].item())
-    return sum(terms) / len(terms) if average else sum(terms)
-
-
-@pytest.mark.parametrize("average", [False, True])
-def test_sequence_logps_equal_brute_force_per_token_sum(average):
-    model = tiny_gpt()
-    pairs = random_pairs(3, 23)
-    idx, targets = D.collate_pairs(pairs, 0)
-    with torch.no_grad():
-        got = D.sequence_logps(model(idx)[0], targets, average)
-    rows = [p[0] for p in pairs] + [p[1] for p in pairs]
-    want = torch.tensor([brute_force_logp(model, ids, n, average) for ids, n in rows])
-    torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5)
-
-
 def test_collate_counts_response_tokens_only():
-    # (ids, n_prompt) as sft.encode_example gives them: prompt 5 6, responses 7 8 and 9, each ended by the token 1
+    # (ids, n_prompt) as policy.encode_example gives them: prompt 5 6, responses 7 8 and 9, each ended by the token 1
     idx, targets = D.collate_pairs([(([5, 6, 7, 8, 1], 2), ([5, 6, 9, 1], 2))], pad_id=0)
     assert idx.tolist() == [[5, 6, 7, 8], [5, 6, 9, 0]]  # chosen row, then rejected row, right-padded
     # targets[t] is the token after idx[:t+1]: the prompt (5, 6) is never a target, the end token is, padding is not
@@ -160,7 +140,7 @@ def test_an_empty_response_is_the_end_token_alone():
         direct = torch.log_softmax(model(torch.tensor([tok.encode("ab:")]))[0][0, -1], -1)[tok.eot_token]
     torch.testing.assert_close(rejected[0], direct)
     with pytest.raises(InputError, match="the response is empty"):  # but not as instruction data
-        sft.encode_example(tok, "ab:", " ", 24)
+        policy.encode_example(tok, "ab:", " ", 24)
 
 
 def test_concatenated_forward_equals_separate_forwards():
@@ -172,7 +152,7 @@ def test_concatenated_forward_equals_separate_forwards():
             for got, (ids, n) in ((chosen[i], c), (rejected[i], r)):
                 # each sequence alone, unpadded, in a batch of one
                 x, y = D.collate_pairs([((ids, n), (ids, n))], 0)
-                alone = D.sequence_logps(model(x[:1])[0], y[:1])
+                alone = policy.sequence_logps(model(x[:1])[0], y[:1])
                 torch.testing.assert_close(got, alone[0], atol=1e-5, rtol=1e-5)
     # and the gradients of the loss through the one pass equal those through two separate passes
     ref = torch.randn(2, 4, generator=torch.Generator().manual_seed(2)) - 20
@@ -184,8 +164,8 @@ def test_concatenated_forward_equals_separate_forwards():
         else:
             xc, yc = D.collate_pairs([(p[0], p[0]) for p in pairs], 0)
             xr, yr = D.collate_pairs([(p[1], p[1]) for p in pairs], 0)
-            c = D.sequence_logps(model(xc[:4])[0], yc[:4])
-            r = D.sequence_logps(model(xr[:4])[0], yr[:4])
+            c = policy.sequence_logps(model(xc[:4])[0], yc[:4])
+            r = policy.sequence_logps(model(xr[:4])[0], yr[:4])
         D.dpo_loss(c, r, ref[0], ref[1])[0].sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads, strict=True):
@@ -290,10 +270,10 @@ def test_resumed_run_has_the_losses_of_the_uninterrupted_run(sft_policy, tmp_pat
     assert resumed["final"] == full["final"] and resumed["before"] == full["before"]
     assert full["train_loss"][8] != full["train_loss"][1]
     # the last checkpoint is a plain GPT (merged, with LoRA) whose log-probs are the trained policy's
-    policy, tokenizer = sft.load_policy(str(full["run_dir"] / "latest"))
+    model, tokenizer = policy.load_policy(str(full["run_dir"] / "latest"))
     test = read_pairs(sft_policy[1] / "pairs_test.jsonl")
-    pairs, _, _ = D.encode_pairs(test[:16], tokenizer, policy.config.block_size, "test")
-    logps = D.all_pair_logps(policy, pairs, tokenizer.eot_token, 8, D.setup_runtime("cpu"))
+    pairs, _, _ = D.encode_pairs(test[:16], tokenizer, model.config.block_size, "test")
+    logps = D.all_pair_logps(model, pairs, tokenizer.eot_token, 8, D.setup_runtime("cpu"))
     assert logps[:, 0].mean().item() == pytest.approx(full["final"]["eval/logps/chosen"], abs=1e-4)
 
 

@@ -356,7 +356,7 @@ def test_resumed_run_has_the_metrics_of_the_uninterrupted_run(pipeline, monkeypa
 
 
 def test_bad_input_is_a_clear_error(pipeline, tmp_path):
-    with pytest.raises(InputError, match="cannot load a GPT-2 checkpoint from '.*missing'"):
+    with pytest.raises(InputError, match="cannot load a GPT-2 (or Llama )?checkpoint from '.*missing'"):
         P.main(ppo_args(pipeline, policy=str(tmp_path / "missing")))
     with pytest.raises(InputError, match="no reward model here"):
         P.main(ppo_args(pipeline, reward_model=str(tmp_path)))

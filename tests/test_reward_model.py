@@ -86,6 +86,7 @@ def test_rank_correlation():
     assert R.rank_correlation(a, b) == pytest.approx(1 - 6 * d2 / (5 * (5**2 - 1)))  # Spearman's formula, no ties
     assert R.rank_correlation([1, 1, 2], [5, 5, 9]) == pytest.approx(1.0)  # ties share their average rank
     assert R.rank_correlation([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert math.isnan(R.rank_correlation([1, 2, 3], [0, 0, 0]))  # a constant ranks nothing
 
 
 def test_pairs_from_a_policy_are_ordered_by_the_gold_judge(tmp_path, tiny_base):
@@ -113,6 +114,24 @@ def test_pairs_from_a_policy_are_ordered_by_the_gold_judge(tmp_path, tiny_base):
                                        label_noise=1.0))
     assert flipped["train"]["flipped"] == flipped["train"]["pairs"]
     assert all(r["chosen_gold"] < r["rejected_gold"] for r in A.read_pairs(tmp_path / "noisy" / "pairs_train.jsonl"))
+
+
+def test_rank_pairs_orders_each_pair_by_the_gold_judge():
+    p = A.format_prompt("Say something.")
+    kind, cruel, long, empty = " I love thee, sweet friend.", " I hate thee, vile villain.", " the table " * 12, ""
+    responses = [cruel, kind, empty, long, kind]  # the two kind ones tie: never a pair
+    golds = {r: A.gold_reward(p, r) for r in responses}
+    rows, flipped = R.rank_pairs(p, responses)
+    assert flipped == 0 and len(rows) == 9  # 5 responses, 10 comparisons, less the tie
+    for r in rows:
+        assert r["chosen_gold"] == golds[r["chosen"]] > golds[r["rejected"]] == r["rejected_gold"]
+    assert {(r["chosen"], r["rejected"]) for r in rows} >= {(kind, empty), (long, empty), (kind, cruel)}
+    extremes, _ = R.rank_pairs(p, responses, "extremes")
+    best, worst = max(golds, key=golds.get), min(golds, key=golds.get)
+    assert [(r["chosen"], r["rejected"]) for r in extremes] == [(best, worst)]
+    noisy, flipped = R.rank_pairs(p, responses, label_noise=1.0, rng=random.Random(0))
+    assert flipped == 9 and all(r["chosen_gold"] < r["rejected_gold"] for r in noisy)
+    assert R.rank_pairs(p, [kind, kind, kind]) == ([], 0)  # every sample ties: nothing to prefer
 
 
 def concise_vs_verbose_pairs(split, n, seed):

@@ -1,5 +1,6 @@
-"""sft.py: the masked loss against a brute-force per-example sum, packed against padded batches, sampling and KL,
-EOS learning, an end-to-end run that must lower the held-out loss, exact resume, and bad input."""
+"""sft.py: the masked loss against a brute-force per-example sum, packed against padded batches, EOS learning, an
+end-to-end run that must lower the held-out loss, exact resume, LoRA and QLoRA, and bad input. (Encoding examples,
+sampling and KL are policy.py's: tests/test_policy.py.)"""
 
 import json
 
@@ -10,7 +11,8 @@ import torch.nn.functional as F
 import minigpt as M
 import sft as S
 from alignment_task import format_prompt, write_jsonl
-from training import InputError
+from policy import generate_responses, padded_batch
+from training import InputError, count_targets
 
 
 def tiny_gpt(vocab=23, block=48, seed=0):
@@ -28,32 +30,6 @@ def random_examples(n, vocab=23, seed=1, eot=22):
     return out
 
 
-class ToyTokenizer:
-    """Letters a-v are ids 0-21, id 22 is the end of text."""
-    eot_token, vocab_size = 22, 23
-
-    def encode(self, s):
-        return [ord(c) - 97 for c in s]
-
-    def decode(self, ids):
-        return "".join(chr(i + 97) if i != 22 else "<|endoftext|>" for i in ids)
-
-
-def test_encode_example_masks_the_prompt_and_ends_with_eot():
-    tok = ToyTokenizer()
-    ids, n_prompt = S.encode_example(tok, "abc", "de", block_size=16)
-    assert ids == [0, 1, 2, 3, 4, 22] and n_prompt == 3
-    x, y = S.padded_batch([(ids, n_prompt), ([5, 6, 22], 1)], pad_id=22)
-    assert x.tolist() == [[0, 1, 2, 3, 4], [5, 6, 22, 22, 22]]
-    assert y.tolist() == [[-100, -100, 3, 4, 22], [6, 22, -100, -100, -100]]  # response tokens and the end only
-    ids, _ = S.encode_example(tok, "abc", "defghij", block_size=6)  # cut to block_size + 1 tokens: no end token
-    assert ids == [0, 1, 2, 3, 4, 5, 6]
-    with pytest.raises(InputError, match="the prompt has 6 tokens, the model's context is 6"):
-        S.encode_example(tok, "abcdef", "g", block_size=6)
-    with pytest.raises(InputError, match="the response is empty"):
-        S.encode_example(tok, "abc", "  ", block_size=6)
-
-
 def brute_force_response_nll(model, examples):
     """Sum over examples and response tokens of -log p(token | everything before it), one example at a time."""
     total = 0.0
@@ -66,11 +42,11 @@ def brute_force_response_nll(model, examples):
 
 def test_masked_loss_equals_brute_force_per_example_sum():
     model, examples = tiny_gpt(), random_examples(7)
-    x, y = S.padded_batch(examples, pad_id=22)
+    x, y = padded_batch(examples, pad_id=22)
     loss = S.sft_loss_sum(model, (x, y))
     ref = brute_force_response_nll(model, examples)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
-    assert S.count_response_tokens((x, y)) == sum(len(ids) - n for ids, n in examples)
+    assert count_targets((x, y)) == sum(len(ids) - n for ids, n in examples)  # the response tokens
     g1 = torch.autograd.grad(loss, model.transformer.h[0].attn.c_attn.weight)[0]
     g2 = torch.autograd.grad(ref, model.transformer.h[0].attn.c_attn.weight)[0]
     torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
@@ -81,36 +57,12 @@ def test_packed_batches_give_the_padded_loss_and_gradients():
     packed = S.pack_examples(examples, block_size=24, pad_id=22)
     assert packed[0].shape[0] < len(examples)  # several examples share a row
     assert (packed[2][:, 1:] >= packed[2][:, :-1]).all()
-    padded = S.padded_batch(examples, pad_id=22)
-    assert S.count_response_tokens(packed) == S.count_response_tokens(padded)
+    padded = padded_batch(examples, pad_id=22)
+    assert count_targets(packed) == count_targets(padded)
     lp, lq = S.sft_loss_sum(model, packed), S.sft_loss_sum(model, padded)
     torch.testing.assert_close(lp, lq, rtol=1e-5, atol=1e-5)
     w = model.transformer.wpe.weight  # positions restart per example: the position gradient matches too
     torch.testing.assert_close(torch.autograd.grad(lp, w)[0], torch.autograd.grad(lq, w)[0], rtol=1e-4, atol=1e-6)
-
-
-def test_batched_generation_equals_one_by_one_and_stops_at_eot():
-    model, tok = tiny_gpt(seed=3).eval(), ToyTokenizer()
-    prompts = ["abc", "q", "hgfedcba", "uv"]
-    texts, tokens, ended = S.generate_responses(model, tok, prompts, 12, temperature=0)
-    for p, t, e in zip(prompts, tokens, ended, strict=True):
-        one = model.generate(torch.tensor([tok.encode(p)]), 12, temperature=0, eos_token_id=22)[0, len(p):].tolist()
-        stop = one.index(22) if 22 in one else len(one)
-        assert t == one[:stop] and e == (22 in one)
-        assert 22 not in t
-    assert texts == [tok.decode(t) for t in tokens]
-
-
-def test_sequence_kl_against_brute_force():
-    tok, pol, ref = ToyTokenizer(), tiny_gpt(seed=4), tiny_gpt(seed=5)
-    prompts, tokens, ended = ["abc", "de"], [[3, 4, 5], [7]], [True, False]
-    kls = S.sequence_kl(pol, ref, tok, prompts, tokens, ended)
-    for p, t, e, kl in zip(prompts, tokens, ended, kls, strict=True):
-        seq = tok.encode(p) + t + [22] * e
-        lp = [F.log_softmax(m(torch.tensor([seq[:-1]]))[0][0], -1) for m in (pol, ref)]
-        want = sum(lp[0][i - 1, seq[i]] - lp[1][i - 1, seq[i]] for i in range(len(p), len(seq)))
-        assert kl == pytest.approx(want.item(), abs=1e-5)
-    assert S.sequence_kl(pol, pol, tok, prompts, tokens, ended) == pytest.approx([0.0, 0.0], abs=1e-6)
 
 
 def tiny_args(tmp_path, base, **kw):
@@ -129,7 +81,7 @@ def test_eos_is_learned_and_generation_stops(tmp_path, tiny_base):
                            learning_rate=3e-3, temperature=0.0))
     assert out["heldout_loss"][150] < 0.1 < out["heldout_loss"][0]
     model, tok = M.load_pretrained(str(out["run_dir"] / "latest"))
-    texts, _, ended = S.generate_responses(model, tok, [r["prompt"] for r in rows], 40, temperature=0)
+    texts, _, ended = generate_responses(model, tok, [r["prompt"] for r in rows], 40, temperature=0)
     assert texts == [r["response"] for r in rows] and all(ended)  # the answer, then the end token: it stops
     assert out["no_eos"][150] == 0.0
 
