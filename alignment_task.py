@@ -30,7 +30,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from assets import asset_path
-from minigpt import hh_chat
+from tokenization import hh_chat
 from training import InputError
 
 TASKS = ("continue", "reply", "topic")
@@ -113,7 +113,7 @@ def gold_rewards(prompts: list[str], responses: list[str]) -> list[float]:
 
 def format_prompt(instruction: str, tokenizer=None) -> str:
     """The instruction as one user turn in a chat template, ending where the response begins: the tokenizer's own
-    (tokenizer.chat), or without one the Anthropic hh-rlhf layout (minigpt.hh_chat) of the models this project
+    (tokenizer.chat), or without one the Anthropic hh-rlhf layout (tokenization.hh_chat) of the models this project
     pretrains, where the response follows as ' {text}' and the end-of-text token."""
     chat = hh_chat if tokenizer is None else tokenizer.chat
     return chat([{"role": "user", "content": instruction}])

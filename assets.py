@@ -95,6 +95,14 @@ ASSETS = {
 # Assets made on this machine from another one (convert_smollm2): name -> the asset it is made from.
 CONVERTED = {"smollm2-135m-instruct": "smollm2.gguf"}
 
+# Models that ship offline (assets.py converts them): a name stands for their directory in every script.
+PRETRAINED = {"smollm2": "smollm2-135m-instruct"}
+
+
+def resolve_pretrained(name_or_dir: str) -> str:
+    """A name of PRETRAINED -> its directory under the assets (fetched by `python assets.py`); anything else as is."""
+    return str(asset_path(PRETRAINED[name_or_dir])) if name_or_dir in PRETRAINED else name_or_dir
+
 
 class AssetError(RuntimeError):
     """An asset could not be fetched or did not verify; the message says which and what to do."""

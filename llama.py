@@ -8,7 +8,7 @@ Each replaces one piece of GPT-2 and is chosen by `GPTConfig(arch="llama")` in m
 - grouped-query attention (Ainslie et al. 2023): fewer key/value heads than query heads, and a KV cache that
   holds only those;
 - no biases anywhere; input and output embeddings tied or not (SmolLM2 ties them).
-Also the names of transformers' LlamaForCausalLM, so minigpt loads and saves its checkpoints.
+Also the names and config of transformers' LlamaForCausalLM, so minigpt loads and saves its checkpoints.
 
 Nothing here runs on its own: `python minigpt.py --arch llama` pretrains one, `python chat.py` talks to SmolLM2.
 """
@@ -18,6 +18,8 @@ import re
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from training import InputError
 
 
 class RMSNorm(nn.Module):
@@ -106,3 +108,40 @@ def rename(key: str, pairs, to_ours: bool) -> str:
         if m:
             return dst.replace("{i}", m.group(1) if m.groups() else "") + key[m.end():]
     return key
+
+
+def llama_config_fields(c: dict, source: str) -> dict:
+    """GPTConfig's fields for a transformers LlamaConfig (as config.json holds it), or an InputError naming what
+    this GPT does not implement (another activation, biases, a scaled rope, Megatron's pretraining_tp)."""
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    unsupported = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1,
+                   "rope_type": "default"}
+    for key, want in unsupported.items():
+        got = rope.get(key, "default") if key == "rope_type" else c.get(key, want)
+        if got != want:
+            raise InputError(f"{source}: config has {key}={got!r}; this GPT supports only {want!r}")
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    if head_dim * c["num_attention_heads"] != c["hidden_size"]:
+        raise InputError(f"{source}: head_dim={head_dim} x {c['num_attention_heads']} heads != hidden_size")
+    return dict(arch="llama", vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"],
+                n_layer=c["num_hidden_layers"], n_head=c["num_attention_heads"],
+                n_kv_head=c.get("num_key_value_heads"), n_embd=c["hidden_size"],
+                intermediate_size=c["intermediate_size"],
+                rope_theta=rope.get("rope_theta", c.get("rope_theta", 1e4)),
+                layer_norm_epsilon=c.get("rms_norm_eps", 1e-6), dropout=c.get("attention_dropout", 0.0),
+                tie_word_embeddings=c.get("tie_word_embeddings", True), bos_token_id=c.get("bos_token_id"),
+                eos_token_id=c.get("eos_token_id"))
+
+
+def llama_hf_config(cfg) -> dict:
+    """The LlamaConfig (as the dict written to config.json) equal to a GPTConfig with arch='llama'. The rope base is
+    written both ways transformers has read it (rope_theta, and rope_parameters since version 5)."""
+    return dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=cfg.vocab_size,
+                max_position_embeddings=cfg.block_size, num_hidden_layers=cfg.n_layer,
+                num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, hidden_size=cfg.n_embd,
+                intermediate_size=cfg.intermediate_size, head_dim=cfg.n_embd // cfg.n_head,
+                hidden_act="silu", rms_norm_eps=cfg.layer_norm_epsilon, attention_bias=False, mlp_bias=False,
+                rope_theta=cfg.rope_theta,
+                rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+                attention_dropout=cfg.dropout, tie_word_embeddings=cfg.tie_word_embeddings,
+                initializer_range=0.02, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)

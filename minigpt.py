@@ -43,8 +43,18 @@ import tyro
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from assets import DATA_DIR, asset_path
-from llama import LLAMA_NAMES, GroupedQueryAttention, RMSNorm, SwiGLU, rename, rotary_cos_sin
+from assets import DATA_DIR, asset_path, resolve_pretrained
+from llama import (
+    LLAMA_NAMES,
+    GroupedQueryAttention,
+    RMSNorm,
+    SwiGLU,
+    llama_config_fields,
+    llama_hf_config,
+    rename,
+    rotary_cos_sin,
+)
+from tokenization import CharTokenizer, get_tokenizer
 from training import (
     InputError,
     Logger,
@@ -200,15 +210,7 @@ class GPTConfig:
     def to_hf(self) -> dict:
         """The equivalent `transformers` config (GPT2Config or LlamaConfig), as the dict written to config.json."""
         if self.arch == "llama":
-            return dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=self.vocab_size,
-                        max_position_embeddings=self.block_size, num_hidden_layers=self.n_layer,
-                        num_attention_heads=self.n_head, num_key_value_heads=self.n_kv_head, hidden_size=self.n_embd,
-                        intermediate_size=self.intermediate_size, head_dim=self.n_embd // self.n_head,
-                        hidden_act="silu", rms_norm_eps=self.layer_norm_epsilon, attention_bias=False, mlp_bias=False,
-                        rope_theta=self.rope_theta,
-                        rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
-                        attention_dropout=self.dropout, tie_word_embeddings=self.tie_word_embeddings,
-                        initializer_range=0.02, bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id)
+            return llama_hf_config(self)
         eos = 50256 if self.vocab_size > 50256 else None  # GPT-2 BPE's <|endoftext|>; other vocabularies have none
         return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=self.vocab_size,
                     n_positions=self.block_size, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
@@ -219,7 +221,7 @@ class GPTConfig:
     @classmethod
     def from_hf(cls, c: dict, source: str) -> "GPTConfig":
         if c.get("model_type") == "llama":
-            return cls._from_llama(c, source)
+            return cls(**llama_config_fields(c, source))
         if c.get("model_type", "gpt2") != "gpt2":
             raise InputError(f"{source}: model_type {c['model_type']!r}; this GPT loads 'gpt2' and 'llama'")
         unsupported = {"activation_function": "gelu_new", "scale_attn_by_inverse_layer_idx": False,
@@ -232,28 +234,6 @@ class GPTConfig:
         return cls(vocab_size=c["vocab_size"], block_size=c["n_positions"], n_layer=c["n_layer"], n_head=c["n_head"],
                    n_embd=c["n_embd"], dropout=c.get("resid_pdrop", 0.0),
                    layer_norm_epsilon=c.get("layer_norm_epsilon", 1e-5))
-
-    @classmethod
-    def _from_llama(cls, c: dict, source: str) -> "GPTConfig":
-        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-        unsupported = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1,
-                       "rope_type": "default"}
-        for key, want in unsupported.items():
-            got = rope.get(key, "default") if key == "rope_type" else c.get(key, want)
-            if got != want:
-                raise InputError(f"{source}: config has {key}={got!r}; this GPT supports only {want!r}")
-        head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-        if head_dim * c["num_attention_heads"] != c["hidden_size"]:
-            raise InputError(f"{source}: head_dim={head_dim} x {c['num_attention_heads']} heads != hidden_size")
-        return cls(arch="llama", vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"],
-                   n_layer=c["num_hidden_layers"], n_head=c["num_attention_heads"],
-                   n_kv_head=c.get("num_key_value_heads"), n_embd=c["hidden_size"],
-                   intermediate_size=c["intermediate_size"],
-                   rope_theta=rope.get("rope_theta", c.get("rope_theta", 1e4)),
-                   layer_norm_epsilon=c.get("rms_norm_eps", 1e-6), dropout=c.get("attention_dropout", 0.0),
-                   tie_word_embeddings=c.get("tie_word_embeddings", True), bos_token_id=c.get("bos_token_id"),
-                   eos_token_id=c.get("eos_token_id"))
-
 
 class KVCache:
     """Keys and values of every past position, preallocated for `max_len` positions.
@@ -572,13 +552,6 @@ class GPT(nn.Module):
         atomic_write(path / "config.json", lambda f: Path(f).write_text(json.dumps(self.config.to_hf(), indent=2)))
 
 
-# Models that ship offline (assets.py converts them): a name stands for their directory in every script.
-PRETRAINED = {"smollm2": "smollm2-135m-instruct"}
-
-
-def resolve_pretrained(name_or_dir: str) -> str:
-    """A name of PRETRAINED -> its directory under the assets (fetched by `python assets.py`); anything else as is."""
-    return str(asset_path(PRETRAINED[name_or_dir])) if name_or_dir in PRETRAINED else name_or_dir
 
 
 def load_pretrained(name_or_dir: str, dropout: float | None = None):
@@ -625,160 +598,6 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         drop = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token already reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tokenizers
-
-
-EOT = "<|endoftext|>"  # GPT-2's end-of-text token, written the same way by both tokenizers
-
-
-def hh_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """The chat template of the models this project pretrains (char-level and GPT-2 BPE): the Anthropic hh-rlhf
-    layout (Bai et al. 2022), "\n\nHuman: {user}\n\nAssistant: {assistant}" per turn, a system message as plain text
-    before the first turn. With add_generation_prompt the text ends with "\n\nAssistant:" and the model's reply
-    follows as " {text}" and the end-of-text token. A chat model's tokenizer brings its own template instead."""
-    roles = {"user": "Human", "assistant": "Assistant"}
-    text = ""
-    for i, m in enumerate(messages):
-        if m["role"] == "system" and i == 0:
-            text += m["content"]
-        elif m["role"] in roles:
-            text += f"\n\n{roles[m['role']]}: {m['content']}"
-        else:
-            raise InputError(f"message {i}: role {m['role']!r}; expected 'user' or 'assistant' (or 'system' first)")
-    return text + ("\n\nAssistant:" if add_generation_prompt else "")
-
-
-class CharTokenizer:
-    """One token per character; the vocabulary is the set of characters of the training text. With eot=True one
-    more id (after the characters) marks the end of a text, written <|endoftext|> as in GPT-2."""
-
-    def __init__(self, chars: str, eot: bool = False):
-        self.chars = chars
-        self.stoi = {c: i for i, c in enumerate(chars)}
-        self.eot_token = len(chars) if eot else None
-        self.vocab_size = len(chars) + int(eot)
-
-    @classmethod
-    def from_text(cls, text: str) -> "CharTokenizer":
-        return cls("".join(sorted(set(text))))
-
-    def encode(self, text: str) -> list[int]:
-        if self.eot_token is not None and EOT in text:
-            ids = []
-            for i, part in enumerate(text.split(EOT)):
-                ids += ([self.eot_token] if i else []) + self.encode(part)
-            return ids
-        try:
-            return [self.stoi[c] for c in text]
-        except KeyError as e:
-            raise InputError(f"character {e.args[0]!r} is not in the char tokenizer's vocabulary") from None
-
-    def decode(self, ids) -> str:
-        return "".join(EOT if i == self.eot_token else self.chars[i] for i in ids)
-
-    def chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The conversation as the text the model reads (its chat template): hh_chat."""
-        return hh_chat(messages, add_generation_prompt)
-
-    def spec(self) -> dict:
-        return {"name": "char", "chars": self.chars} | ({"eot": True} if self.eot_token is not None else {})
-
-
-# GPT-2's pre-tokenisation regex (tiktoken's r50k_base pat_str): contractions, letters, digits, punctuation, spaces
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-
-
-class BPETokenizer:
-    """GPT-2 byte-level BPE through tiktoken, built offline from the ranks file that `python assets.py` fetches."""
-
-    def __init__(self):
-        import base64
-
-        import tiktoken
-
-        path = asset_path("gpt2.tiktoken")
-        ranks = {base64.b64decode(tok): int(rank) for tok, rank in (ln.split() for ln in path.read_text().splitlines())}
-        self.enc = tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                                     special_tokens={"<|endoftext|>": len(ranks)}, explicit_n_vocab=len(ranks) + 1)
-        self.vocab_size, self.eot_token = self.enc.n_vocab, self.enc.eot_token
-
-    def encode(self, text: str) -> list[int]:
-        return self.enc.encode(text, allowed_special={"<|endoftext|>"})
-
-    def decode(self, ids) -> str:
-        return self.enc.decode(list(ids))
-
-    def chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The conversation as the text the model reads (its chat template): hh_chat."""
-        return hh_chat(messages, add_generation_prompt)
-
-    def spec(self) -> dict:
-        return {"name": "gpt2"}
-
-
-class HFTokenizer:
-    """A Hugging Face model's own tokenizer (its tokenizer.json, through the `tokenizers` library) and chat template
-    (the Jinja template its tokenizer_config.json or chat_template.jinja holds, rendered as transformers renders it).
-    The end token is the model's eos_token: for a chat model, the end of a turn (SmolLM2's <|im_end|>)."""
-
-    def __init__(self, name_or_dir: str):
-        from tokenizers import Tokenizer
-
-        self.name, path = name_or_dir, Path(resolve_pretrained(name_or_dir))
-        if not (path / "tokenizer.json").is_file():
-            raise InputError(f"{path}: no tokenizer.json")
-        self.tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-        config = json.loads((path / "tokenizer_config.json").read_text()) if (
-            path / "tokenizer_config.json").is_file() else {}
-        self.template = config.get("chat_template")
-        if self.template is None and (path / "chat_template.jinja").is_file():
-            self.template = (path / "chat_template.jinja").read_text()
-        self.special = {k: config[k] for k in ("bos_token", "eos_token") if isinstance(config.get(k), str)}
-        eos = self.special.get("eos_token")
-        self.eot_token = self.tok.token_to_id(eos) if eos else None
-        self.vocab_size = self.tok.get_vocab_size()
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids  # special tokens written in the text are kept
-
-    def decode(self, ids) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=False)
-
-    def chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The conversation rendered by the model's own chat template (SmolLM2: ChatML, with a default system
-        prompt when none is given), as transformers' apply_chat_template renders it."""
-        if self.template is None:
-            return hh_chat(messages, add_generation_prompt)
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message):
-            raise InputError(f"chat template: {message}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                     **self.special)
-
-    def spec(self) -> dict:
-        return {"name": "hf", "path": self.name}
-
-
-def get_tokenizer(name: str, chars: str | None = None, eot: bool = False, path: str | None = None):
-    """'gpt2': GPT-2 BPE (it has an end-of-text token); 'char': character-level over `chars`, with an end-of-text
-    token if eot; 'hf': the tokenizer.json of a Hugging Face model directory (path; a PRETRAINED name such as
-    'smollm2' works too). tokenizer.spec() gives these arguments back."""
-    if name == "gpt2":
-        return BPETokenizer()
-    if name == "char":
-        if chars is None:
-            raise InputError("the char tokenizer needs its vocabulary (chars); build it with CharTokenizer.from_text")
-        return CharTokenizer(chars, eot)
-    if name == "hf" or name in PRETRAINED:
-        return HFTokenizer(path or name)
-    raise InputError(f"--tokenizer {name!r}: expected 'char', 'gpt2' or a model's name ({', '.join(PRETRAINED)})")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ import data_parallel as DP
 import minigpt as M
 import model_parallel as MP
 import planner
+import tokenization
 import training
 from minigpt import GPT, Block, GPTConfig
 from training import InputError
@@ -333,7 +334,7 @@ def main(args: Args) -> dict:
 
     # --- data: character-level, tokenized and cached by rank 0 first ---
     text, source = M.load_text(M.Args(data_path=args.data_path))
-    tokenizer = M.CharTokenizer.from_text(text)
+    tokenizer = tokenization.CharTokenizer.from_text(text)
     if master:
         M.tokenize_corpus(text, tokenizer, 0.1, source)
     dist.barrier()

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from alignment_task import gold_rewards, make_instructions
 from lora import apply_lora, load_adapter, merge_and_unload, save_adapter
-from minigpt import CharTokenizer, left_pad, load_pretrained
+from minigpt import left_pad, load_pretrained
+from tokenization import CharTokenizer
 from training import InputError, load_checkpoint, save_checkpoint, seeded
 
 # ----------------------------------------------------------------------------------------------------------------

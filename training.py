@@ -122,6 +122,30 @@ def setup_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
 _CPU_DTYPE: dict[str, str] = {}  # the probe's answer, measured once per process
 
 
+def cpu_info() -> dict:
+    """The first processor's fields of /proc/cpuinfo ('model name', 'flags', ...); empty where there is none."""
+    info = {}
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    return info
+
+
+def machine_report() -> str:
+    """The CPU's model, its vector and matrix flags, and the load average: what a benchmark's timings depend on
+    (machines of one kind differ, and two jobs on 2 cores run each 2.5-3x slower)."""
+    info = cpu_info()
+    flags = [f for f in info.get("flags", "").split() if f.startswith(("avx", "amx", "fma", "f16c"))]
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    gpu = f"; GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"CPU {info.get('model name', '?')}, {os.cpu_count()} cores, flags: {' '.join(flags) or '-'}; "
+            f"load average {load}; torch {torch.__version__}, {torch.get_num_threads()} threads{gpu}")
+
+
 def cpu_autocast_dtype(verbose: bool = True, n: int = 1024, reps: int = 4) -> str:
     """'bfloat16' where this CPU has bf16 matrix instructions (avx512_bf16 or AMX) and a bf16 matmul measures at
     least 1.3x as fast as fp32's, else 'float32'. Measured, not assumed: machines of one kind differ by three orders
@@ -129,11 +153,7 @@ def cpu_autocast_dtype(verbose: bool = True, n: int = 1024, reps: int = 4) -> st
     avx512_bf16). MINILLM_CPU_BF16=0 turns bf16 off (the tests pin fp32 so)."""
     if "dtype" in _CPU_DTYPE:
         return _CPU_DTYPE["dtype"]
-    flags = set()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-    hardware = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    hardware = sorted(set(cpu_info().get("flags", "").split()) & {"avx512_bf16", "amx_bf16"})
     speed = {}
     if hardware and os.environ.get("MINILLM_CPU_BF16", "1") != "0":
         for dt in (torch.float32, torch.bfloat16):

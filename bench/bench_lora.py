@@ -19,7 +19,6 @@ Each prints the CPU's vector and matrix flags (/proc/cpuinfo) and the load avera
 the machine changes the timings.
 """
 
-import os
 import sys
 import tempfile
 import time
@@ -35,7 +34,8 @@ import lora  # noqa: E402
 import serve
 import skills
 import training
-from minigpt import GPT, CharTokenizer, GPTConfig, left_pad
+from minigpt import GPT, GPTConfig, left_pad
+from tokenization import CharTokenizer
 from training import seeded, setup_runtime
 
 
@@ -84,19 +84,6 @@ class ServingArgs:
     seed: int = 1337
 
 
-def machine() -> str:
-    """The CPU's model name and vector / matrix flags, and the load average: what the timings depend on."""
-    info = {}
-    if Path("/proc/cpuinfo").exists():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())
-    flags = [f for f in info.get("flags", "").split() if f.startswith(("avx", "amx", "fma", "f16c"))]
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"CPU {info.get('model name', '?')}, {os.cpu_count()} cores, flags: {' '.join(flags) or '-'}; "
-            f"load average {load}; torch {torch.__version__}, {torch.get_num_threads()} threads")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Memory: NF4, and the peak of a fine-tuning step
 
@@ -134,7 +121,7 @@ def nf4_errors(seed: int = 0) -> dict:
 
 def memory(args: MemoryArgs) -> dict:
     rt = setup_runtime(args.device, args.dtype)
-    print(machine())
+    print(training.machine_report())
     report = {"nf4": nf4_errors(args.seed)}
     for k, v in report["nf4"].items():
         print(f"NF4 {k:12s}: mean abs error {v['mean_abs_err']:.6f} (bitsandbytes' bound 0.0733), mean relative "
@@ -234,7 +221,7 @@ def trained_deployment(args: ServingArgs, rt):
 
 def serving(args: ServingArgs) -> dict:
     rt = setup_runtime(args.device, args.dtype)
-    print(machine())
+    print(training.machine_report())
     with tempfile.TemporaryDirectory() as tmp:
         if args.run_dir:
             base, tok, adapters, requests, qlora = trained_deployment(args, rt)

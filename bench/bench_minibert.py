@@ -22,6 +22,7 @@ from transformers import BertForSequenceClassification, BertModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import minibert as B  # noqa: E402
+import training
 from tickets import CATEGORIES, make_tickets  # noqa: E402
 from training import configure_optimizer, setup_runtime, sync, train_step  # noqa: E402
 
@@ -51,6 +52,7 @@ def seconds(fn, steps: int, device) -> float:
 
 def main(args: Args) -> dict:
     rt = setup_runtime(args.device, "float32")  # both in float32: the same matmuls
+    print(training.machine_report())
     device = rt.device
     path = B.resolve_checkpoint(B.MINILM)
     tokenizer = B.get_tokenizer(path)

@@ -4,6 +4,8 @@ import os
 
 import pytest
 
+import tokenization
+
 for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ[var] = "1"
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -22,7 +24,7 @@ def save_tiny_char_base(path, n_layer: int = 2, n_head: int = 2, n_embd: int = 6
     import minigpt as M
 
     text, _ = M.load_text(M.Args())
-    tok = M.CharTokenizer.from_text(text)
+    tok = tokenization.CharTokenizer.from_text(text)
     torch.manual_seed(seed)
     model = M.GPT(M.GPTConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
                               n_embd=n_embd))

@@ -7,12 +7,13 @@ import torch
 
 import chat
 import minigpt as M
+import tokenization
 from training import InputError, Runtime
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return M.get_tokenizer("smollm2")
+    return tokenization.get_tokenizer("smollm2")
 
 
 def test_the_real_model_answers_a_question(capsys):

@@ -16,7 +16,8 @@ import reward_model as RM
 import sft
 from alignment_task import gold_reward, make_instructions, read_pairs, write_jsonl
 from assets import asset_path
-from minigpt import GPT, CharTokenizer, GPTConfig
+from minigpt import GPT, GPTConfig
+from tokenization import CharTokenizer
 from training import InputError
 
 ROOT = Path(__file__).resolve().parents[1]

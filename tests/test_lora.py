@@ -9,6 +9,7 @@ import torch.nn as nn
 
 import lora
 import minigpt
+import tokenization
 import training
 from lora import LoRALinear, NF4Linear, apply_lora, load_adapter, merge_and_unload, save_adapter
 from minigpt import GPT, GPTConfig
@@ -317,7 +318,7 @@ def test_mixed_batch_equals_each_request_on_its_merged_model(bank):
 def test_merge_command_exports_the_adapted_model(tmp_path):
     from transformers import GPT2LMHeadModel
 
-    tok = minigpt.CharTokenizer(Chars.chars[:-1], eot=True)  # 61 ids: 60 characters and the end of text
+    tok = tokenization.CharTokenizer(Chars.chars[:-1], eot=True)  # 61 ids: 60 characters and the end of text
     for qlora in (False, True):
         base = random_gpt()
         base.save_pretrained(tmp_path / "base")

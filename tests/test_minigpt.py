@@ -14,6 +14,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import minigpt as M
+import tokenization
 import training
 from minigpt import GPT, Args, GPTConfig
 from training import InputError
@@ -214,7 +215,7 @@ def reference_bpe(text: str, ranks: dict[bytes, int]) -> list[int]:
     """GPT-2's byte-level BPE written out: split with the regex, then per piece merge the adjacent pair whose merged
     bytes have the lowest rank until none is mergeable (Sennrich et al. 2016; Radford et al. 2019)."""
     ids = []
-    for piece in regex.findall(M.GPT2_PATTERN, text):
+    for piece in regex.findall(tokenization.GPT2_PATTERN, text):
         parts = [bytes([b]) for b in piece.encode()]
         while len(parts) > 1:
             pairs = [(ranks.get(a + b, math.inf), i) for i, (a, b) in enumerate(zip(parts, parts[1:], strict=False))]
@@ -227,7 +228,7 @@ def reference_bpe(text: str, ranks: dict[bytes, int]) -> list[int]:
 
 
 def test_gpt2_bpe_ids():
-    tok = M.get_tokenizer("gpt2")
+    tok = tokenization.get_tokenizer("gpt2")
     assert tok.encode("Hello world") == [15496, 995]
     assert tok.encode("<|endoftext|>") == [50256] == [tok.eot_token]
     assert tok.vocab_size == 50257
@@ -240,28 +241,28 @@ def test_gpt2_bpe_ids():
 
 
 def test_char_tokenizer_round_trip_and_unknown_characters():
-    tok = M.CharTokenizer.from_text("to be or not to be\n")
+    tok = tokenization.CharTokenizer.from_text("to be or not to be\n")
     assert tok.chars == "\n benort" and tok.vocab_size == 8
     assert tok.decode(tok.encode("not to be")) == "not to be"
-    assert M.get_tokenizer(**tok.spec()).encode("be") == tok.encode("be")
+    assert tokenization.get_tokenizer(**tok.spec()).encode("be") == tok.encode("be")
     with pytest.raises(InputError, match="'z' is not in the char tokenizer's vocabulary"):
         tok.encode("zebra")
 
 
 def test_corpus_is_tokenized_once_and_split_deterministically(tmp_path):
     text = "abcdefghij" * 100
-    tok = M.CharTokenizer.from_text(text)
+    tok = tokenization.CharTokenizer.from_text(text)
     train, val = M.tokenize_corpus(text, tok, 0.1, cache_dir=tmp_path)
     assert len(train) == 900 and len(val) == 100 and tok.decode(val[:10].tolist()) == "abcdefghij"
     assert isinstance(train, np.memmap)
 
-    class NoEncode(M.CharTokenizer):
+    class NoEncode(tokenization.CharTokenizer):
         def encode(self, text):
             raise AssertionError("tokenized again")
 
     train2, val2 = M.tokenize_corpus(text, NoEncode(tok.chars), 0.1, cache_dir=tmp_path)
     assert np.array_equal(train, train2) and np.array_equal(val, val2)
-    other = M.tokenize_corpus(text + "k", M.CharTokenizer.from_text(text + "k"), 0.1, cache_dir=tmp_path)
+    other = M.tokenize_corpus(text + "k", tokenization.CharTokenizer.from_text(text + "k"), 0.1, cache_dir=tmp_path)
     assert len(other[0]) + len(other[1]) == 1001  # a changed text is a new cache entry
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import alignment_task as A
 import minigpt as M
 import policy as P
+import tokenization
 from training import InputError, seeded, setup_runtime
 
 
@@ -28,7 +29,7 @@ class ToyTokenizer:
         return "".join(chr(i + 97) if i != 22 else "<|endoftext|>" for i in ids)
 
 
-class ChatMLTokenizer(M.CharTokenizer):
+class ChatMLTokenizer(tokenization.CharTokenizer):
     """A character tokenizer with a ChatML chat template of its own, as a chat model's tokenizer brings."""
 
     def chat(self, messages, add_generation_prompt=True):
@@ -57,7 +58,7 @@ def test_encode_example_masks_the_prompt_and_ends_with_eot():
 
 
 def test_prompts_are_rendered_by_the_tokenizer_chat_template():
-    hh = M.CharTokenizer("abc", eot=True)
+    hh = tokenization.CharTokenizer("abc", eot=True)
     assert P.task_prompts(hh, 6, "test", seed=2) == [r["prompt"] for r in A.make_instructions(6, "test", 2)]
     chatml = ChatMLTokenizer("abc", eot=True)
     rows = A.make_instructions(6, "test", 2)
@@ -147,7 +148,7 @@ def test_sequence_kl_against_brute_force():
 
 
 def test_evaluation_summary_equals_its_parts():
-    tok = M.CharTokenizer("abcdefgh :!", eot=True)
+    tok = tokenization.CharTokenizer("abcdefgh :!", eot=True)
     model, ref = tiny_gpt(vocab=tok.vocab_size, seed=6), tiny_gpt(vocab=tok.vocab_size, seed=7)
     prompts, rt = ["abc:", "had a bad:", "ace :", "fee:"], setup_runtime("cpu")
     ev = P.evaluate_policy(model, tok, prompts, rt, ref, max_new_tokens=10, temperature=1.0, seed=3, stream=11)
@@ -166,7 +167,7 @@ def test_evaluation_summary_equals_its_parts():
 
 
 def test_lora_policy_saves_merged_weights_and_resumes_from_its_adapter(tmp_path):
-    tok = M.CharTokenizer("abcdefgh :!", eot=True)
+    tok = tokenization.CharTokenizer("abcdefgh :!", eot=True)
     model = tiny_gpt(vocab=tok.vocab_size, seed=8)
     P.add_lora(model, 4, seed=1)
     with torch.no_grad():

@@ -13,7 +13,8 @@ import minigpt as M
 import ppo_rlhf as P
 import reward_model as RM
 import sft as S
-from minigpt import GPT, CharTokenizer, GPTConfig
+from minigpt import GPT, GPTConfig
+from tokenization import CharTokenizer
 from training import InputError, setup_runtime
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ import torch
 
 import alignment_task as A
 import reward_model as R
-from minigpt import CharTokenizer, GPTConfig
+from minigpt import GPTConfig
+from tokenization import CharTokenizer
 from training import InputError
 
 

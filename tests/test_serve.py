@@ -18,9 +18,9 @@ import uvicorn
 from test_lora import random_gpt, randomize_lora
 
 import lora
-import minigpt
 import serve
 import skills
+import tokenization
 import training
 from lora import apply_lora, save_adapter
 
@@ -32,7 +32,7 @@ def deployment(tmp_path_factory):
     """A skills-style run on disk (base, adapters a/b/c of different ranks and targets, a random router) and a
     server for it on a free port of 127.0.0.1."""
     root = tmp_path_factory.mktemp("serve")
-    tok = minigpt.CharTokenizer(CHARS, eot=True)
+    tok = tokenization.CharTokenizer(CHARS, eot=True)
     base = random_gpt(vocab=tok.vocab_size, ctx=96, width=32, depth=2)
     base.save_pretrained(root / "base")
     (root / "base" / "run.json").write_text(json.dumps({"tokenizer": tok.spec()}))

@@ -138,3 +138,37 @@ def test_lora_sft_learns_resumes_and_exports_merged_weights(tmp_path, tiny_base,
     hf = GPT2LMHeadModel.from_pretrained(latest).eval()
     idx = torch.tensor([tok.encode(format_prompt("Say hi."))])
     torch.testing.assert_close(ours.eval()(idx)[0], hf(idx).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_sft_on_a_llama_with_its_own_chat_template(tmp_path):
+    """SFT of the Llama family through its own tokenizer: a small random Llama with SmolLM2's tokenizer.json and
+    ChatML template learns the answers, ends them with <|im_end|>, and its checkpoint loads in LlamaForCausalLM."""
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    from assets import resolve_pretrained
+    from tokenization import get_tokenizer
+
+    tok = get_tokenizer("smollm2")
+    torch.manual_seed(0)
+    M.GPT(M.GPTConfig(arch="llama", vocab_size=tok.vocab_size, block_size=96, n_layer=2, n_head=4, n_kv_head=2,
+                      n_embd=32, tie_word_embeddings=True)).save_pretrained(tmp_path / "base")
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(f"{resolve_pretrained('smollm2')}/{f}", tmp_path / "base" / f)
+    rows = [{"prompt": tok.chat([{"role": "user", "content": q}]), "response": a} for q, a in
+            [("Say hi.", "Hi."), ("Say yes.", "Yes, my lord."), ("Name a king.", "Lear."), ("Count.", "One, two.")]]
+    assert rows[0]["prompt"].endswith("<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n")
+    write_jsonl(tmp_path / "data.jsonl", rows)
+    out = S.main(tiny_args(tmp_path, str(tmp_path / "base"), data_path=str(tmp_path / "data.jsonl"),
+                           test_path=str(tmp_path / "data.jsonl"), batch_size=4, max_iters=120, eval_interval=120,
+                           learning_rate=1e-2, temperature=0.0, max_new_tokens=8))
+    assert out["heldout_loss"][120] < 0.2 * out["heldout_loss"][0], out["heldout_loss"]
+    latest = out["run_dir"] / "latest"
+    model, tok2 = M.load_pretrained(str(latest))
+    assert tok2.eot_token == tok.eot_token == 2  # <|im_end|>: the end of the assistant's turn
+    texts, _, ended = generate_responses(model, tok2, [r["prompt"] for r in rows], 8, temperature=0)
+    assert texts == [r["response"] for r in rows] and all(ended)
+    idx = torch.tensor([tok.encode(rows[0]["prompt"] + rows[0]["response"])])
+    torch.testing.assert_close(model.eval()(idx)[0], LlamaForCausalLM.from_pretrained(latest).eval()(idx).logits,
+                               rtol=1e-4, atol=1e-4)

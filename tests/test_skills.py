@@ -8,6 +8,7 @@ import lora
 import minigpt
 import serve
 import skills
+import tokenization
 import training
 
 
@@ -22,7 +23,7 @@ def run(tmp_path_factory):
 
 def test_tasks_are_built_from_the_corpus():
     text, _ = minigpt.load_text(minigpt.Args())
-    tasks = skills.build_tasks(minigpt.CharTokenizer.from_text(text), max_chars=128)
+    tasks = skills.build_tasks(tokenization.CharTokenizer.from_text(text), max_chars=128)
     for t in skills.TASKS:
         train, test = tasks[t]["train"], tasks[t]["test"]
         assert len(train) > 200 and len(test) > 20, t
