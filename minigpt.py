@@ -58,6 +58,7 @@ from tokenization import CharTokenizer, get_tokenizer
 from training import (
     InputError,
     Logger,
+    RunArgs,
     Runtime,
     atomic_write,
     configure_optimizer,
@@ -74,26 +75,11 @@ from training import (
 
 
 @dataclass
-class Args:
-    # --- common to every script ---
-    seed: int = 1337
-    """random seed; every random choice of a run is a function of (seed, rank, iteration)"""
-    device: str = "auto"
-    """'auto' (cuda, then mps, then cpu), or a torch device such as 'cpu', 'cuda', 'cuda:1'"""
-    dtype: str = "auto"
-    """'auto' (bfloat16 autocast on CUDA where supported, else float32), 'bfloat16' or 'float32'"""
-    compile: bool = False
-    """compile the model with torch.compile"""
-    track: bool = False
-    """log metrics to Weights & Biases (WANDB_MODE=offline works without a network)"""
-    wandb_project: str = "minillm"
-    """Weights & Biases project"""
+class Args(RunArgs):
+    """Pretrain a GPT (GPT-2 or Llama) on a text corpus, character-level or with GPT-2's BPE."""
+
+    # --- the common options (training.RunArgs) come first ---
     run_name: str = "minigpt"
-    """name of the run: checkpoints go to <output-dir>/<run-name>/"""
-    output_dir: str = "runs"
-    """directory that holds the runs"""
-    resume: bool = False
-    """continue the run in <output-dir>/<run-name>/ from its latest checkpoint"""
     # --- data ---
     data_path: str | None = None
     """a local UTF-8 text file to train on (default: the offline Shakespeare corpus)"""
