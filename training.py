@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 import weakref
 from contextlib import nullcontext
@@ -169,7 +170,7 @@ def cpu_autocast_dtype(verbose: bool = True, n: int = 1024, reps: int = 4) -> st
     if verbose:
         why = (f"bf16 matmul {ratio:.1f}x fp32's, {'/'.join(hardware)}" if speed else
                "no bf16 matrix instructions" if not hardware else "MINILLM_CPU_BF16=0")
-        print(f"--dtype auto: {_CPU_DTYPE['dtype']} on this CPU ({why})")
+        print(f"--dtype auto: {_CPU_DTYPE['dtype']} on this CPU ({why})", file=sys.stderr)  # a log, not output
     return _CPU_DTYPE["dtype"]
 
 

@@ -153,7 +153,7 @@ def test_sft_on_a_llama_with_its_own_chat_template(tmp_path):
     tok = get_tokenizer("smollm2")
     torch.manual_seed(0)
     M.GPT(M.GPTConfig(arch="llama", vocab_size=tok.vocab_size, block_size=96, n_layer=2, n_head=4, n_kv_head=2,
-                      n_embd=32, tie_word_embeddings=True)).save_pretrained(tmp_path / "base")
+                      n_embd=64, tie_word_embeddings=True)).save_pretrained(tmp_path / "base")
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(f"{resolve_pretrained('smollm2')}/{f}", tmp_path / "base" / f)
     rows = [{"prompt": tok.chat([{"role": "user", "content": q}]), "response": a} for q, a in
@@ -161,9 +161,9 @@ def test_sft_on_a_llama_with_its_own_chat_template(tmp_path):
     assert rows[0]["prompt"].endswith("<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n")
     write_jsonl(tmp_path / "data.jsonl", rows)
     out = S.main(tiny_args(tmp_path, str(tmp_path / "base"), data_path=str(tmp_path / "data.jsonl"),
-                           test_path=str(tmp_path / "data.jsonl"), batch_size=4, max_iters=120, eval_interval=120,
-                           learning_rate=1e-2, temperature=0.0, max_new_tokens=8))
-    assert out["heldout_loss"][120] < 0.2 * out["heldout_loss"][0], out["heldout_loss"]
+                           test_path=str(tmp_path / "data.jsonl"), batch_size=4, max_iters=200, eval_interval=200,
+                           learning_rate=3e-3, temperature=0.0, max_new_tokens=8))
+    assert out["heldout_loss"][200] < 0.05 * out["heldout_loss"][0], out["heldout_loss"]
     latest = out["run_dir"] / "latest"
     model, tok2 = M.load_pretrained(str(latest))
     assert tok2.eot_token == tok.eot_token == 2  # <|im_end|>: the end of the assistant's turn
