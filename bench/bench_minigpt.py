@@ -31,11 +31,10 @@ import torch
 import tyro
 from transformers import GPT2Config, GPT2LMHeadModel
 
-import assets
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import assets  # noqa: E402
 import minigpt as M  # noqa: E402
-import training
+import training  # noqa: E402
 
 PRESETS = {  # vocab, layers, heads, width, context, training batch, prompt tokens, new tokens
     "demo": dict(vocab_size=84, n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, prompt=8, new=56),
