@@ -197,8 +197,14 @@ def read_jsonl(path: str | Path, fields: tuple[str, ...], may_be_empty: tuple[st
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:  # a binary file, or text in another encoding
+        line = data[:e.start].count(b"\n") + 1
+        raise InputError(f"{path}, line {line}: not UTF-8 text (byte {e.start}); expected JSON lines") from None
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for i, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

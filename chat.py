@@ -21,7 +21,7 @@ import torch
 import tyro
 
 from minigpt import load_pretrained
-from training import InputError, seeded, setup_runtime
+from training import InputError, check_args, run_command, seeded, setup_runtime
 
 
 @dataclass
@@ -101,6 +101,7 @@ def reply(model, tokenizer, ids: list[int], args: Args, rt, turn: int, out=None)
 
 
 def main(args: Args) -> list[str]:
+    check_args(args)  # the fields every script shares (--top-k 0, --top-p 2, ...): one line each
     if args.temperature < 0 or args.max_new_tokens < 1 or args.max_context <= args.max_new_tokens:
         raise InputError("--temperature must be >= 0, --max-new-tokens >= 1, and --max-context > --max-new-tokens")
     rt = setup_runtime(args.device, args.dtype)
@@ -142,7 +143,4 @@ def main(args: Args) -> list[str]:
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args))
-    except (InputError, FileNotFoundError) as e:  # bad input: one line, no traceback
-        sys.exit(f"error: {e}")
+    run_command(main, lambda: tyro.cli(Args))  # bad input: one line, exit status 1, no traceback

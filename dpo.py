@@ -28,14 +28,12 @@ final metrics are in runs/dpo/metrics.json.
 
 import copy
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import tyro
 from tqdm.auto import tqdm
 
 from alignment_task import load_hub_pairs, read_pairs
@@ -58,6 +56,10 @@ from training import (
     configure_optimizer,
     derived_seed,
     lr_at,
+    parse_args,
+    prepare_run,
+    require_checkpoint,
+    run_command,
     setup_runtime,
     sync,
     train_step,
@@ -287,18 +289,30 @@ def preference_metrics(prefix: str, losses, chosen_rewards, rejected_rewards, ch
 # ----------------------------------------------------------------------------------------------------------------
 
 
+RULES = {"beta": (lambda v: v > 0, "> 0"), "label_smoothing": (lambda v: 0 <= v < 0.5, "0 <= eps < 0.5"),
+         "eval_pairs": (lambda v: v >= 0, ">= 0 (0: all)"), "eval_prompts": (lambda v: v > 0, "> 0"),
+         "samples_shown": (lambda v: v >= 0, ">= 0"), "max_length": (lambda v: v > 1, "> 1"),
+         "lora_alpha": (lambda v: v > 0, "> 0")}  # dpo.py's own fields; training.ARG_RULES has the common ones
+
+
 def main(args: Args) -> dict:
-    # --- devices, run directory ---
-    rt = setup_runtime(args.device, args.dtype)
-    if rt.world_size > 1:
-        raise InputError("dpo.py runs in one process; start it with python, not torchrun")
+    # --- arguments, run directory and the stages before this one, checked before any work; devices ---
+    run_dir, _ = prepare_run(args, RULES)
     if args.loss_type not in LOSS_TYPES:
         raise InputError(f"--loss-type {args.loss_type!r}: expected one of {LOSS_TYPES}")
     if args.label_smoothing and args.loss_type != "sigmoid":
         raise InputError(f"--label-smoothing applies to --loss-type sigmoid only, not {args.loss_type!r}")
     if args.qlora and not args.lora_rank:
         raise InputError("--qlora needs --lora-rank > 0")
-    run_dir = Path(args.output_dir) / args.run_name
+    require_checkpoint(args.init_from, "--init-from", "`python sft.py` (or `python pipeline.py run`)")
+    if not args.dataset:
+        for option, path in (("--train-path", args.train_path), ("--test-path", args.test_path)):
+            if not Path(path).exists():
+                raise InputError(f"{option} {path}: no such file; `python reward_model.py pairs` writes the "
+                                 f"preference pairs (or give {option} a JSONL file of them)")
+    rt = setup_runtime(args.device, args.dtype)
+    if rt.world_size > 1:
+        raise InputError("dpo.py runs in one process; start it with python, not torchrun")
     average = args.loss_type == "ipo"  # IPO compares per-token mean log-probs (see dpo_loss)
 
     # --- data (read first: a bad file fails before any model is loaded) ---
@@ -424,7 +438,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args))
-    except (InputError, FileNotFoundError) as e:  # bad input: one line, no traceback
-        sys.exit(f"error: {e}")
+    run_command(main, lambda: parse_args(Args))  # bad input: one line, exit status 1, no traceback

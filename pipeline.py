@@ -25,7 +25,6 @@ Run it:
 """
 
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ import ppo_rlhf
 import reward_model
 import sft
 from policy import evaluate_policy, load_policy, task_prompts
-from training import InputError, setup_runtime
+from training import InputError, check_args, check_writable, read_json, require_checkpoint, run_command, setup_runtime
 
 
 @dataclass
@@ -55,6 +54,8 @@ class RunArgs:
     """directory that holds the runs (pretrain, sft, reward_model, ppo, dpo)"""
     reuse: bool = False
     """keep a stage whose output already exists instead of running it again"""
+    overwrite: bool = False
+    """run a stage again even though its directory holds a run (replaced); without it, or --reuse, that is refused"""
     # --- the base model: minigpt at a context that holds a prompt and its response ---
     pretrain_block_size: int = 128
     """context of the base model, in characters"""
@@ -129,22 +130,43 @@ def pair_paths(out: Path, prefix: str, suffix: str = "") -> dict:
 
 
 def made_with(run_dir: Path, run_args) -> bool:
-    """Whether run_dir/latest holds a finished run with these arguments (all but its name and --resume)."""
+    """Whether run_dir/latest holds a finished run with these arguments (all but its name, --resume, --overwrite)."""
     meta = run_dir / "latest" / "run.json"
     if not meta.exists():
         return False
-    saved = json.loads(meta.read_text())
+    saved = read_json(meta, "a run's metadata")
     wanted = json.loads(json.dumps(asdict(run_args)))  # as JSON holds them: tuples become lists
     differ = {k for k in saved.get("args", {}).keys() | wanted.keys()
               if saved.get("args", {}).get(k) != wanted.get(k)}
     steps = getattr(run_args, "total_steps", getattr(run_args, "max_iters", None))
-    return differ <= {"run_name", "resume"} and saved.get("step") == steps
+    return differ <= {"run_name", "resume", "overwrite"} and saved.get("step") == steps
 
 
 def load_judges(out: Path, rt):
     sft_model, tokenizer = load_policy(str(out / "sft" / "latest"))
     rm, _ = reward_model.load_reward_model(out / "reward_model" / "latest")
     return sft_model.to(rt.device).eval(), rm.to(rt.device).eval(), tokenizer
+
+
+POSITIVE = (lambda v: v > 0, "> 0")
+RULES = {k: POSITIVE for k in ("pretrain_block_size", "pretrain_batch_size", "pretrain_iters", "n_compare_prompts",
+                               "ppo_steps", "kl_coef")}  # the pipeline's own fields; training.ARG_RULES the common ones
+
+
+def check_new_runs(args: RunArgs, held: list[Path]):
+    """Before any work: refuse to run again into directories that hold runs (or pairs) unless --overwrite, and check
+    that the output directory takes files."""
+    if held and not args.overwrite:
+        raise InputError(f"{', '.join(map(str, held))} already hold{'s' * (len(held) == 1)} a run: keep the finished "
+                         "stages with --reuse, put this pipeline elsewhere with --output-dir DIR, or run them again "
+                         "with --overwrite")
+    check_writable(Path(args.output_dir))
+
+
+def check_stages_before(out: Path):
+    """sweep and overopt start from `run`'s SFT policy and reward model: said at once where they are missing."""
+    require_checkpoint(str(out / "sft" / "latest"), "--output-dir", "`python pipeline.py run`")
+    require_checkpoint(str(out / "reward_model" / "latest"), "--output-dir", "`python pipeline.py run`")
 
 
 def stage(name: str, done: Path, reuse: bool, fn, timings: dict):
@@ -162,22 +184,29 @@ def stage(name: str, done: Path, reuse: bool, fn, timings: dict):
 
 def run(args: RunArgs) -> dict:
     out, t_start, timings = Path(args.output_dir), time.perf_counter(), {}
-    common = dict(seed=args.seed, device=args.device, output_dir=args.output_dir)
-    stage("pretrain", out / "pretrain" / "latest", args.reuse, lambda: minigpt.main(minigpt.Args(
+    check_args(args, RULES)
+    # what each stage leaves when it has finished (--reuse keeps it), and what it leaves as soon as it has begun
+    done = {name: out / name / "latest" for name in ("pretrain", "sft", "ppo", "dpo")}
+    done |= {"pairs": out / "pairs" / "pairs_test.jsonl",
+             "reward_model": out / "reward_model" / "latest" / "results.json"}
+    begun = {name: out / name / "latest" for name in done} | {"pairs": done["pairs"]}
+    check_new_runs(args, [out / name for name in done if not (args.reuse and done[name].exists())
+                          and begun[name].exists()])  # a stage that runs into a run would replace it
+    common = dict(seed=args.seed, device=args.device, output_dir=args.output_dir, overwrite=args.overwrite)
+    sft_dir, rm_dir = str(out / "sft" / "latest"), str(out / "reward_model" / "latest")
+    stage("pretrain", done["pretrain"], args.reuse, lambda: minigpt.main(minigpt.Args(
         **common, run_name="pretrain", block_size=args.pretrain_block_size, batch_size=args.pretrain_batch_size,
         max_iters=args.pretrain_iters, sample_tokens=200)), timings)
-    stage("sft", out / "sft" / "latest", args.reuse,
+    stage("sft", done["sft"], args.reuse,
           lambda: sft.main(sft.Args(**common, init_from=str(out / "pretrain" / "latest"))), timings)
-    pairs = reward_model.PairsArgs(seed=args.seed, device=args.device, policy=str(out / "sft" / "latest"),
-                                   out_dir=str(out / "pairs"))
-    stage("pairs", out / "pairs" / "pairs_test.jsonl", args.reuse, lambda: reward_model.make_pairs(pairs), timings)
-    stage("reward_model", out / "reward_model" / "latest" / "results.json", args.reuse, lambda: reward_model.train(
-        reward_model.TrainArgs(**common, init_from=str(out / "sft" / "latest"), **pair_paths(out, "pairs_"))),
-        timings)
-    stage("ppo", out / "ppo" / "latest", args.reuse, lambda: ppo_rlhf.main(ppo_rlhf.Args(
-        **common, policy=str(out / "sft" / "latest"), reward_model=str(out / "reward_model" / "latest"))), timings)
-    stage("dpo", out / "dpo" / "latest", args.reuse, lambda: dpo.main(dpo.Args(
-        **common, init_from=str(out / "sft" / "latest"), **pair_paths(out, "", "_path"))), timings)
+    pairs = reward_model.PairsArgs(seed=args.seed, device=args.device, policy=sft_dir, out_dir=str(out / "pairs"))
+    stage("pairs", done["pairs"], args.reuse, lambda: reward_model.make_pairs(pairs), timings)
+    stage("reward_model", done["reward_model"], args.reuse, lambda: reward_model.train(
+        reward_model.TrainArgs(**common, init_from=sft_dir, **pair_paths(out, "pairs_"))), timings)
+    stage("ppo", done["ppo"], args.reuse, lambda: ppo_rlhf.main(ppo_rlhf.Args(
+        **common, policy=sft_dir, reward_model=rm_dir)), timings)
+    stage("dpo", done["dpo"], args.reuse, lambda: dpo.main(dpo.Args(
+        **common, init_from=sft_dir, **pair_paths(out, "", "_path"))), timings)
 
     # --- the comparison: every policy judged on the same prompts, the same way ---
     print("=== comparison")
@@ -188,7 +217,7 @@ def run(args: RunArgs) -> dict:
     rows = {name: judge(out / name / "latest", sft_model, rm, tokenizer, prompts, rt, args.max_new_tokens, args.seed)
             for name in ("sft", "ppo", "dpo")}
     timings["comparison"] = time.perf_counter() - t0
-    rm_results = json.loads((out / "reward_model" / "latest" / "results.json").read_text())
+    rm_results = read_json(out / "reward_model" / "latest" / "results.json", "the reward model's results")
     result = {"policies": rows, "reward_model": {k: rm_results.get(k) for k in (
         "heldout_accuracy_final", "heldout_accuracy_by_term", "judge_pairwise_accuracy", "judge_spearman")},
         "timings_s": timings,
@@ -224,17 +253,23 @@ def sweep(args: SweepArgs) -> dict:
     import matplotlib.pyplot as plt
 
     out = Path(args.output_dir)
-    common = dict(seed=args.seed, device=args.device, output_dir=args.output_dir)
-    rt = setup_runtime(args.device, "float32")
-    sft_model, rm, tokenizer = load_judges(out, rt)
-    prompts = compare_prompts(tokenizer, args.n_compare_prompts)
-    points = {"ppo": [], "dpo": []}
+    check_args(args, RULES)
+    check_stages_before(out)
+    common = dict(seed=args.seed, device=args.device, output_dir=args.output_dir, overwrite=args.overwrite)
     sft_dir, rm_dir = str(out / "sft" / "latest"), str(out / "reward_model" / "latest")
     runs = [("ppo", beta, ppo_rlhf.Args(**common, run_name=f"sweep/ppo-beta{beta:g}", kl_coef=beta,
                                         total_steps=args.ppo_steps, policy=sft_dir, reward_model=rm_dir))
             for beta in args.ppo_betas]
     runs += [("dpo", beta, dpo.Args(**common, run_name=f"sweep/dpo-beta{beta:g}", beta=beta, init_from=sft_dir,
                                     **pair_paths(out, "", "_path"))) for beta in args.dpo_betas]
+    # the runs trained here: neither `run`'s own nor, with --reuse, one this sweep finished before
+    train = [not made_with(out / m, a) and not (args.reuse and made_with(out / a.run_name, a)) for m, _, a in runs]
+    check_new_runs(args, [out / a.run_name for (_, _, a), t in zip(runs, train, strict=True)
+                          if t and (out / a.run_name / "latest").exists()])
+    rt = setup_runtime(args.device, "float32")
+    sft_model, rm, tokenizer = load_judges(out, rt)
+    prompts = compare_prompts(tokenizer, args.n_compare_prompts)
+    points = {"ppo": [], "dpo": []}
     for method, beta, run_args in runs:
         run_dir = out / run_args.run_name
         if made_with(out / method, run_args):  # `pipeline.py run` trained this one already: not again
@@ -282,13 +317,18 @@ def overopt(args: OveroptArgs) -> dict:
     import matplotlib.pyplot as plt
 
     out = Path(args.output_dir)
-    if not (args.reuse and (out / "overopt" / "history.json").exists()):  # --reuse: plot the finished run again
+    check_args(args, RULES)
+    again = not (args.reuse and (out / "overopt" / "history.json").exists())  # --reuse: plot the finished run again
+    if again:
+        check_stages_before(out)
+        check_new_runs(args, [out / "overopt"] if (out / "overopt" / "latest").exists() else [])
         ppo_rlhf.main(ppo_rlhf.Args(seed=args.seed, device=args.device, output_dir=args.output_dir,
+                                    overwrite=args.overwrite,
                                     run_name="overopt", kl_coef=args.kl_coef, total_steps=args.total_steps,
                                     learning_rate=args.learning_rate, eval_interval=args.eval_interval,
                                     policy=str(out / "sft" / "latest"),
                                     reward_model=str(out / "reward_model" / "latest")))
-    history = json.loads((out / "overopt" / "history.json").read_text())
+    history = read_json(out / "overopt" / "history.json", "a run's history")
     train = history["train"]
     steps = [h["step"] for h in train]
     smooth = lambda xs: np.convolve(xs, np.ones(5) / 5, mode="valid")  # noqa: E731  5-step moving average
@@ -320,10 +360,7 @@ def overopt(args: OveroptArgs) -> dict:
 COMMANDS = {RunArgs: run, SweepArgs: sweep, OveroptArgs: overopt}
 
 if __name__ == "__main__":
-    args = tyro.cli(Annotated[RunArgs, tyro.conf.subcommand("run")]
-                    | Annotated[SweepArgs, tyro.conf.subcommand("sweep")]
-                    | Annotated[OveroptArgs, tyro.conf.subcommand("overopt")])
-    try:
-        COMMANDS[type(args)](args)
-    except (InputError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    run_command(lambda args: COMMANDS[type(args)](args),  # bad input: one line, exit status 1, no traceback
+                lambda: tyro.cli(Annotated[RunArgs, tyro.conf.subcommand("run")]
+                                 | Annotated[SweepArgs, tyro.conf.subcommand("sweep")]
+                                 | Annotated[OveroptArgs, tyro.conf.subcommand("overopt")]))

@@ -24,7 +24,6 @@ or all of them at once: `python pipeline.py run`.
 """
 
 import copy
-import json
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from alignment_task import gold_rewards, make_instructions
 from lora import apply_lora, load_adapter, merge_and_unload, save_adapter
 from minigpt import left_pad, load_pretrained
 from tokenization import CharTokenizer
-from training import InputError, load_checkpoint, save_checkpoint, seeded
+from training import InputError, load_checkpoint, read_json, read_torch, save_checkpoint, seeded
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading, LoRA, saving, resuming
@@ -85,9 +84,8 @@ def resume_policy(run_dir: Path, model, optimizer, lora: bool = False) -> dict:
     if not (ckpt / "adapter").is_dir():
         raise InputError(f"--resume: no LoRA checkpoint in {run_dir} (expected {ckpt}/adapter/)")
     load_adapter(model, ckpt / "adapter")
-    state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    return json.loads((ckpt / "run.json").read_text())
+    optimizer.load_state_dict(read_torch(ckpt / "train_state.pt")["optimizer"])
+    return read_json(ckpt / "run.json", "a run's metadata")
 
 
 @contextmanager

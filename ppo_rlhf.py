@@ -39,14 +39,11 @@ or `GPT2LMHeadModel.from_pretrained("runs/ppo/latest")`; runs/ppo/history.json h
 import copy
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
-import tyro
 from tqdm.auto import tqdm
 
 import alignment_task as task
@@ -61,6 +58,10 @@ from training import (
     derived_seed,
     load_checkpoint,
     lr_at,
+    parse_args,
+    prepare_run,
+    require_checkpoint,
+    run_command,
     save_checkpoint,
     seeded,
     setup_runtime,
@@ -508,7 +509,16 @@ def load_prompts(args: Args, tokenizer) -> tuple[list[str], list[str]]:
     return train, test[:args.n_eval_prompts]
 
 
+RULES = {  # ppo_rlhf.py's own fields; training.ARG_RULES has the common ones
+    "kl_coef": (lambda v: v >= 0, ">= 0"), "kl_horizon": (lambda v: v > 0, "> 0"),
+    "gamma": (lambda v: 0 <= v <= 1, "0 <= gamma <= 1"), "lam": (lambda v: 0 <= v <= 1, "0 <= lambda <= 1"),
+    "clip_range": (lambda v: v > 0, "> 0"), "clip_range_value": (lambda v: v > 0, "> 0"),
+    "vf_coef": (lambda v: v >= 0, ">= 0"), "n_samples_shown": (lambda v: v >= 0, ">= 0"),
+}
+
+
 def check_args(args: Args):
+    """PPO's own constraints between fields (training.prepare_run checks each field alone)."""
     if args.batch_size % args.minibatch_size:
         raise InputError(f"--minibatch-size {args.minibatch_size} does not divide --batch-size {args.batch_size}")
     if args.temperature <= 0:
@@ -524,10 +534,13 @@ def check_args(args: Args):
 
 
 def main(args: Args) -> dict:
+    # --- arguments, run directory and the stages before this one, checked before any work; devices ---
+    run_dir, _ = prepare_run(args, RULES)
     check_args(args)
-    # --- devices, run directory ---
+    require_checkpoint(args.policy, "--policy", "`python sft.py` (or `python pipeline.py run`)")
+    require_checkpoint(args.reward_model, "--reward-model", "`python reward_model.py train` (after `python "
+                       "reward_model.py pairs`; or `python pipeline.py run`)")
     rt = setup_runtime(args.device, args.dtype)
-    run_dir = Path(args.output_dir) / args.run_name
 
     # --- actors: policy and reference from the SFT model, the frozen reward model ---
     torch.manual_seed(args.seed)  # the value head's initial weights
@@ -568,7 +581,9 @@ def main(args: Args) -> dict:
     start, history = 0, {"train": [], "eval": []}
     if args.resume:
         meta = load_checkpoint(run_dir, policy, state)
-        start, history = meta["step"], meta["history"]
+        start, history = meta["step"], meta.get("history")
+        if not isinstance(history, dict):
+            raise InputError(f"{run_dir / 'latest' / 'run.json'}: damaged, it holds no history of the run")
         print(f"resumed {run_dir} at step {start}")
     if args.compile:
         ac.forward = torch.compile(ac.forward)
@@ -637,7 +652,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args))
-    except (InputError, FileNotFoundError) as e:  # bad input: one line, no traceback
-        sys.exit(f"error: {e}")
+    run_command(main, lambda: parse_args(Args))  # bad input: one line, exit status 1, no traceback

@@ -40,7 +40,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from alignment_task import deciding_terms, gold_reward, read_pairs, write_jsonl
@@ -53,10 +53,18 @@ from training import (
     Logger,
     RunArgs,
     atomic_write,
+    check_args,
+    check_writable,
     configure_optimizer,
     derived_seed,
     load_checkpoint,
     lr_at,
+    parse_args,
+    prepare_run,
+    read_json,
+    read_safetensors,
+    require_checkpoint,
+    run_command,
     save_checkpoint,
     seeded,
     setup_runtime,
@@ -225,13 +233,16 @@ def load_reward_model(path: str | Path):
     path = Path(path)
     if not (path / "config.json").is_file():
         raise InputError(f"{path}: no reward model here (expected config.json and model.safetensors)")
-    config = json.loads((path / "config.json").read_text())
+    config = read_json(path / "config.json", "a model config")
     model = RewardModel(GPTConfig.from_hf(config, str(path)))
-    model.load_hf_state_dict(load_file(path / "model.safetensors"), str(path / "model.safetensors"))
+    model.load_hf_state_dict(read_safetensors(path / "model.safetensors"), str(path / "model.safetensors"))
     model.reward_mean, model.reward_std = config.get("reward_mean", 0.0), config.get("reward_std", 1.0)
     model.pad_token_id = config.get("pad_token_id")
     run = path / "run.json"
-    tokenizer = get_tokenizer(**json.loads(run.read_text())["tokenizer"]) if run.exists() else get_tokenizer("gpt2")
+    spec = read_json(run, "a run's metadata").get("tokenizer") if run.exists() else {"name": "gpt2"}
+    if not isinstance(spec, dict):
+        raise InputError(f"{run}: damaged, it names no tokenizer")
+    tokenizer = get_tokenizer(**spec)
     return model, tokenizer
 
 
@@ -370,6 +381,12 @@ def rank_pairs(prompt: str, responses: list[str], comparisons: str = "all", labe
 def make_pairs(args: PairsArgs) -> dict:
     """The `pairs` subcommand: sample K responses of the SFT policy per prompt of each split, rank them by the gold
     judge (rank_pairs), write pairs_train.jsonl and pairs_test.jsonl."""
+    check_args(args, {"samples_per_prompt": (lambda v: v >= 2, ">= 2 (pairs compare samples of one prompt)"),
+                      "temperature": (lambda v: v > 0, "> 0 (greedy samples of one prompt are all the same)")})
+    if args.comparisons not in ("all", "extremes"):
+        raise InputError(f"--comparisons {args.comparisons!r}: expected 'all' or 'extremes'")
+    require_checkpoint(args.policy, "--policy", SFT_COMMAND)
+    check_writable(Path(args.out_dir))
     rt = setup_runtime(args.device, "float32")
     policy, tokenizer = load_policy(args.policy)
     policy.to(rt.device)
@@ -402,6 +419,9 @@ def make_pairs(args: PairsArgs) -> dict:
 # Subcommands: train, score
 
 
+SFT_COMMAND = "`python sft.py` (or `python pipeline.py run`)"  # what writes the default policy, runs/sft/latest
+
+
 def load_pair_data(args: TrainArgs) -> tuple[list[dict], list[dict], str]:
     if args.dataset:
         from alignment_task import load_hub_pairs
@@ -411,9 +431,15 @@ def load_pair_data(args: TrainArgs) -> tuple[list[dict], list[dict], str]:
 
 
 def train(args: TrainArgs) -> dict:
-    # --- devices, processes, run directory ---
+    # --- arguments, run directory and the stages before this one, checked before any work; devices, processes ---
+    run_dir, _ = prepare_run(args)
+    require_checkpoint(args.init_from, "--init-from", SFT_COMMAND)
+    if not args.dataset:
+        for option, path in (("--pairs-train", args.pairs_train), ("--pairs-test", args.pairs_test)):
+            if not Path(path).exists():
+                raise InputError(f"{option} {path}: no such file; `python reward_model.py pairs` writes the "
+                                 f"preference pairs (or give {option} a JSONL file of them)")
     rt = setup_runtime(args.device, args.dtype)
-    run_dir = Path(args.output_dir) / args.run_name
 
     # --- model: the SFT policy's backbone and a new scalar head ---
     policy, tokenizer = load_policy(args.init_from, args.dropout)
@@ -524,6 +550,7 @@ def train(args: TrainArgs) -> dict:
 
 
 def score(args: ScoreArgs) -> float:
+    require_checkpoint(args.model, "--model", "`python reward_model.py train`")
     rt = setup_runtime(args.device, "float32")
     model, tokenizer = load_reward_model(args.model)
     model.to(rt.device).eval()
@@ -536,11 +563,15 @@ def score(args: ScoreArgs) -> float:
 
 COMMANDS = {PairsArgs: make_pairs, TrainArgs: train, ScoreArgs: score}
 
-if __name__ == "__main__":
+def parse_command():
+    """The subcommand's arguments; `train --resume` takes the run's saved arguments (training.parse_args)."""
     args = tyro.cli(Annotated[PairsArgs, tyro.conf.subcommand("pairs")]
                     | Annotated[TrainArgs, tyro.conf.subcommand("train")]
                     | Annotated[ScoreArgs, tyro.conf.subcommand("score")])
-    try:
-        COMMANDS[type(args)](args)
-    except (InputError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    if isinstance(args, TrainArgs):
+        args = parse_args(TrainArgs, sys.argv[2:], "reward_model.py train", parsed=args)
+    return args
+
+
+if __name__ == "__main__":
+    run_command(lambda args: COMMANDS[type(args)](args), parse_command)  # bad input: one line, exit status 1

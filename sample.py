@@ -15,8 +15,6 @@ Run it:
     python sample.py gpt2 --prompt "Hello, I'm a language model,"  # with a hub: any GPT-2
 """
 
-import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -26,7 +24,7 @@ import tyro
 
 from lora import load_adapter
 from minigpt import load_pretrained
-from training import InputError, seeded, setup_runtime
+from training import InputError, check_args, read_json, run_command, seeded, setup_runtime
 
 
 @dataclass
@@ -67,7 +65,7 @@ def resolve(checkpoint: str) -> str:
         if path.exists() or "/" in checkpoint:
             raise InputError(f"{path}: no config.json (expected a checkpoint directory such as runs/minigpt/latest)")
         return checkpoint  # a hub name
-    arch = (json.loads(config.read_text()).get("architectures") or ["?"])[0]
+    arch = (read_json(config, "a model config").get("architectures") or ["?"])[0]
     if arch.endswith("ForSequenceClassification") and "Bert" not in arch:
         raise InputError(f"{path} is a reward model: it scores text, it does not write it (python reward_model.py "
                          f"score {path} ...)")
@@ -77,6 +75,7 @@ def resolve(checkpoint: str) -> str:
 
 
 def main(args: Args) -> list[str]:
+    check_args(args)  # the fields every script shares (--top-k 0, --temperature -1, ...): one line each
     if args.num_samples < 1 or args.max_new_tokens < 1:
         raise InputError("--num-samples and --max-new-tokens must be at least 1")
     if args.temperature < 0:
@@ -110,7 +109,4 @@ def main(args: Args) -> list[str]:
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args))
-    except (InputError, FileNotFoundError) as e:  # bad input: one line, no traceback
-        sys.exit(f"error: {e}")
+    run_command(main, lambda: tyro.cli(Args))  # bad input: one line, exit status 1, no traceback

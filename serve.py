@@ -18,6 +18,20 @@ an invalid field) gets a 400 or 404 with OpenAI's error body, and the server goe
 
 Each choice also names the adapter that served it ("adapter"), which is how a client sees the router's choice.
 
+What a client cannot do to it (each refusal is OpenAI's error body, naming the field where there is one, and the
+server goes on serving):
+  - a body over --max-body-bytes: 413, from its Content-Length before a byte of it is read, else once it passes;
+  - a request line and headers, or a body, that take over --read-timeout-s to arrive: 408 and the connection closes
+    (uvicorn alone waits for them forever, so half-sent requests would pile up);
+  - malformed JSON, a field of the wrong type or out of range (seed beyond 64 bits, temperature < 0, max_tokens 0 or
+    beyond the context, top_p 0 or > 1), an unknown field, or an OpenAI parameter this server does not implement
+    (logprobs, echo, best_of, suffix, logit_bias, presence/frequency_penalty, tools, response_format) at other than
+    its do-nothing value: 400;
+  - going away mid-answer: its rows stop at the next step, and it costs one log line.
+A temperature below 1e-5 samples greedily (as vLLM does: dividing by it could overflow to inf).
+At start-up, a port in use, a truncated adapter or a corrupt router ends the process with one line and exit status 1
+(the port is taken first, before the model loads).
+
 Run it:
     python skills.py train                        # the adapters and the router to serve, in runs/skills
     python serve.py --run-dir runs/skills         # http://127.0.0.1:8000/v1 (--host 0.0.0.0 to listen beyond)
@@ -30,9 +44,11 @@ Any OpenAI client works, e.g. in Python:
 """
 
 import asyncio
+import contextlib
 import json
+import logging
 import queue
-import sys
+import socket
 import threading
 import time
 import traceback
@@ -43,21 +59,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import h11
 import torch
 import tyro
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import minigpt
 from lora import adapter_rows, build_multi_adapter, generate_rows, read_adapter
 from minigpt import GPT, left_pad
 from skills import Router, adapter_dirs, load_base, load_router, route
-from training import InputError, Runtime, setup_runtime
+from training import NON_NEGATIVE, POSITIVE, InputError, Runtime, check_args, run_command, setup_runtime
+
+log = logging.getLogger("uvicorn.error")  # uvicorn's own logger: the server's lines and ours in one format and level
 
 
 @dataclass
@@ -75,11 +95,16 @@ class Args:
     host: str = "127.0.0.1"
     """address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface)"""
     port: int = 8000
-    """port to listen on"""
+    """port to listen on (0: any free port)"""
     max_batch: int = 16
     """most requests decoded together in one mixed batch"""
     batch_window_ms: float = 5.0
     """how long the batcher waits for more requests after the first one"""
+    max_body_bytes: int = 1 << 20
+    """the largest request body accepted (larger: 413)"""
+    read_timeout_s: float = 10.0
+    """a request's line and headers must arrive within this many seconds of the connection (or of its previous
+    answer), and its body within as many again (else 408 and the connection closes)"""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -121,8 +146,9 @@ class RequestError(Exception):
         return error_response(self.status, str(self), self.param, self.code)
 
 
-def error_response(status: int, message: str, param=None, code=None, kind="invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+def error_response(status: int, message: str, param=None, code=None, kind="invalid_request_error",
+                   headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status, headers)
 
 
 @dataclass
@@ -180,7 +206,9 @@ class CompletionService:
                                         f"the model's context of {ctx} tokens", "max_tokens")
             g = torch.Generator(self.rt.device).manual_seed(seed + i if seed is not None else
                                                             int.from_bytes(uuid.uuid4().bytes[:6], "big"))
-            jobs.append(Job(ids, model, n, temperature, top_p, stop, g, emit(i)))
+            # below 1e-5 a draw is the argmax in all but name (vLLM's threshold), and logits / temperature could
+            # overflow to inf and make the whole batch's softmax nan: sample greedily
+            jobs.append(Job(ids, model, n, temperature if temperature >= 1e-5 else 0.0, top_p, stop, g, emit(i)))
         return jobs
 
     def submit(self, jobs: list[Job]):
@@ -269,10 +297,25 @@ class StreamOptions(BaseModel):
     """send one more chunk before [DONE], with no choices and the request's usage"""
 
 
+# OpenAI parameters this server does not implement, each with the value that asks for nothing. At that value (or null)
+# the parameter is accepted, as some clients send them unasked; at any other it is refused with a 400 naming it,
+# never silently ignored.
+NOT_SUPPORTED = {"logprobs": False, "top_logprobs": 0, "echo": False, "best_of": 1, "suffix": "", "logit_bias": {},
+                 "presence_penalty": 0, "frequency_penalty": 0, "tools": [], "tool_choice": "none", "functions": [],
+                 "function_call": "none", "response_format": {"type": "text"}}
+
+
+def asks_nothing(value, no_op) -> bool:
+    """Is `value` null or the do-nothing value `no_op`? 0 and 0.0 are one number, but 0 is not False (logprobs:
+    0 asks for the chosen tokens' log-probabilities, false for none)."""
+    return value is None or (value == no_op and isinstance(value, bool) == isinstance(no_op, bool))
+
+
 class SamplingRequest(BaseModel):
-    """The fields every generation request shares. Unknown fields are ignored (as OpenAI-compatible servers do);
-    types are strict: 1.5 is no valid max_tokens, "1" no valid temperature."""
-    model_config = ConfigDict(strict=True)
+    """The fields every generation request shares. An unknown field is refused (as OpenAI's API does), and so is an
+    OpenAI parameter this server does not implement (NOT_SUPPORTED); types are strict: 1.5 is no valid max_tokens,
+    "1" no valid temperature."""
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     model: str
     """an adapter's name, 'base' (no adapter) or 'auto' (the router picks)"""
@@ -283,7 +326,16 @@ class SamplingRequest(BaseModel):
     stop: list[str] | None = Field(None, validate_default=True)  # a string is taken as a list of one
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 63)  # a 64-bit integer, as torch's generators take
+    user: str | None = None
+    """the end user's id, for the caller's own records: accepted, not used"""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_no_ops(cls, data):  # an unsupported parameter that asks for nothing is dropped; any other value stays
+        if isinstance(data, dict):  # and is refused as an extra field, named in the 400
+            data = {k: v for k, v in data.items() if not (k in NOT_SUPPORTED and asks_nothing(v, NOT_SUPPORTED[k]))}
+        return data
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -319,9 +371,95 @@ class ChatCompletionRequest(SamplingRequest):
     # max_tokens None: the reply may run to the end of the model's context
 
 
-def make_app(service: CompletionService) -> FastAPI:
-    """The FastAPI application over `service`: the OpenAI routes and OpenAI-style errors."""
+class RequestLimits:
+    """ASGI middleware that reads each request's body before the app sees it, within bounds: at most `max_bytes` (a
+    larger Content-Length is refused before a byte of the body is read), all of it within `timeout_s` seconds of the
+    request's head. Past either bound the client gets a 413 or a 408 and the connection closes. Without it, a client
+    announcing 50 GB would have them read into memory, and one that never sends the body it announced would hold
+    its request open forever."""
+
+    def __init__(self, app, max_bytes: int, timeout_s: float):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")  # h11 has checked: one non-negative integer
+        refused = self.too_large() if declared is not None and int(declared) > self.max_bytes else None
+        chunks, size, loop = [], 0, asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        while refused is None:
+            try:  # (asyncio.timeout would read better, but it needs Python 3.11)
+                message = await asyncio.wait_for(receive(), deadline - loop.time())
+            except asyncio.TimeoutError:
+                refused = error_response(408, f"the request's body did not arrive within {self.timeout_s:g} s",
+                                         code="request_timeout", headers={"connection": "close"})
+                break
+            if message["type"] == "http.disconnect":
+                return  # the client left before its request was whole: nobody to answer
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                refused = self.too_large()
+            elif not message.get("more_body", False):
+                break
+        if refused is not None:
+            return await refused(scope, receive, send)
+        body = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay():  # the whole body at once, then what the server says next (the client went away)
+            return body.pop() if body else await receive()
+
+        await self.app(scope, replay, send)
+
+    def too_large(self) -> JSONResponse:  # "connection: close": the rest of the body is never read
+        return error_response(413, f"the request's body is over the limit of {self.max_bytes} bytes",
+                              code="request_too_large", headers={"connection": "close"})
+
+
+class TimedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 connection with a deadline on each request's line and headers: `head_timeout_s` seconds
+    from the connection's start, or from its previous answer. uvicorn alone waits for them forever (its keep-alive
+    timer stops at the first byte), so clients that send half a request (slowloris) would pile up until the process
+    runs out of file descriptors. A client that sent part of a head gets a 408; one that sent nothing is closed."""
+
+    head_timeout_s: float = 10.0
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self.head_timer = self.loop.call_later(self.head_timeout_s, self.head_overdue)
+
+    def on_response_complete(self):  # the next request's head has as long again
+        super().on_response_complete()
+        self.head_timer.cancel()
+        self.head_timer = self.loop.call_later(self.head_timeout_s, self.head_overdue)
+
+    def connection_lost(self, exc):
+        self.head_timer.cancel()
+        super().connection_lost(exc)
+
+    def head_overdue(self):
+        if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
+            return  # the head came in time (RequestLimits bounds its body), or the connection is closing anyway
+        if self.conn.trailing_data[0]:  # bytes of a head that never ended: say why the connection closes
+            body = json.dumps({"error": {"message": f"the request's line and headers did not arrive within "
+                                                   f"{self.head_timeout_s:g} s", "type": "invalid_request_error",
+                                         "param": None, "code": "request_timeout"}}).encode()
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                                 b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            log.info("%s - no whole request head within %g s: 408", format_client(self.client), self.head_timeout_s)
+        self.transport.close()
+
+
+def format_client(client) -> str:
+    """'host:port' of an ASGI client address (None: a Unix socket)."""
+    return f"{client[0]}:{client[1]}" if client else "a client"
+
+
+def make_app(service: CompletionService, max_body_bytes: int, read_timeout_s: float) -> FastAPI:
+    """The FastAPI application over `service`: the OpenAI routes and OpenAI-style errors, behind RequestLimits."""
     app = FastAPI(title="minillm", summary="a base model and its LoRA adapters, OpenAI-compatible")
+    app.add_middleware(RequestLimits, max_bytes=max_body_bytes, timeout_s=read_timeout_s)
 
     @app.exception_handler(RequestError)
     async def request_error(_, e: RequestError):
@@ -332,12 +470,21 @@ def make_app(service: CompletionService) -> FastAPI:
         err = e.errors()[0]
         loc = [str(x) for x in err["loc"][1:]] if err["type"] != "json_invalid" else []
         where = ".".join(loc) or None
-        msg = ("the body must be a JSON object, sent with Content-Type: application/json" if err["loc"] == ("body",)
-               else f"{where}: {err['msg']}" if where else f"the body is not valid JSON: {err['msg']}")
+        if err["type"] == "extra_forbidden":  # a field SamplingRequest does not declare
+            msg = (f"{where}: this server does not implement this parameter; leave it out" if loc[0] in NOT_SUPPORTED
+                   else f"{where}: unrecognized request argument")
+        else:
+            msg = ("the body must be a JSON object, sent with Content-Type: application/json"
+                   if err["loc"] == ("body",) else f"{where}: {err['msg']}" if where
+                   else f"the body is not valid JSON: {err['msg']}")
         return error_response(400, msg, loc[0] if loc else None)
 
     @app.exception_handler(HTTPException)
-    async def http_error(request: Request, e: HTTPException):  # no such route or method
+    async def http_error(request: Request, e: HTTPException):  # no such route or method, or a body json cannot parse
+        cause = e.__cause__  # set where FastAPI's json.loads failed: "There was an error parsing the body"
+        if cause is not None and e.status_code == 400:
+            reason = "nested too deeply" if isinstance(cause, RecursionError) else f"{type(cause).__name__}: {cause}"
+            return error_response(400, f"the body is not valid JSON: {reason}")
         return error_response(e.status_code, f"{request.method} {request.url.path}: {e.detail}")
 
     @app.get("/v1/models")
@@ -350,23 +497,24 @@ def make_app(service: CompletionService) -> FastAPI:
         return {"status": "ok"}
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        return await answer(service, req, req.prompt, req.max_tokens, chat=False)
+    async def completions(req: CompletionRequest, request: Request):
+        return await answer(service, req, req.prompt, req.max_tokens, False, request)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
         try:
             text = service.tokenizer.chat([m.model_dump() for m in req.messages])
         except InputError as e:
             raise RequestError(400, str(e), "messages") from None
-        return await answer(service, req, [text], req.max_completion_tokens or req.max_tokens, chat=True)
+        return await answer(service, req, [text], req.max_completion_tokens or req.max_tokens, True, request)
 
     return app
 
 
 async def answer(service: CompletionService, req: SamplingRequest, texts: list[str], max_tokens: int | None,
-                 chat: bool):
-    """Submit one job per text and answer with the whole completion, or stream it (server-sent events)."""
+                 chat: bool, request: Request):
+    """Submit one job per text and answer with the whole completion, or stream it (server-sent events). A client
+    that goes away before the end frees its rows at the next step, and its going costs one log line."""
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
     def emitter(i):  # called on the worker thread: hand the event to the event loop
@@ -383,6 +531,12 @@ async def answer(service: CompletionService, req: SamplingRequest, texts: list[s
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
             "model": req.model}
 
+    def went_away():
+        for j in jobs:
+            j.cancelled = True
+        log.info("%s - went away; %s cancelled after %d tokens", format_client(request.client), head["id"],
+                 sum(j.tokens for j in jobs))
+
     async def stream_events():
         left = len(jobs)
         try:
@@ -392,34 +546,52 @@ async def answer(service: CompletionService, req: SamplingRequest, texts: list[s
                 yield i, kind, value
         finally:
             for j in jobs:
-                j.cancelled = True  # a client that went away frees its rows at the next step
+                j.cancelled = True  # an answer cut short (an error, a client gone) frees its rows at the next step
 
     def usage():
         n_prompt, n_new = sum(len(j.ids) for j in jobs), sum(j.tokens for j in jobs)
         return {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new}
 
-    if req.stream:
+    if req.stream:  # Starlette watches for the client's going and cancels the stream; sse reports it
         return StreamingResponse(sse(stream_events(), head, jobs, chat, usage if req.stream_options and
-                                     req.stream_options.include_usage else None), media_type="text/event-stream")
-    text, finish, adapter = [""] * len(jobs), [None] * len(jobs), [j.adapter for j in jobs]
-    async for i, kind, value in stream_events():
-        if kind == "error":
-            return error_response(500, value, kind="server_error")
-        text[i] += value if kind == "text" else ""
-        finish[i] = value if kind == "done" else finish[i]
-        adapter[i] = value if kind == "adapter" else adapter[i]
-    if chat:
-        choices = [{"index": 0, "message": {"role": "assistant", "content": text[0]}, "logprobs": None,
-                    "finish_reason": finish[0], "adapter": adapter[0]}]
-    else:
-        choices = [{"index": i, "text": text[i], "logprobs": None, "finish_reason": finish[i], "adapter": adapter[i]}
-                   for i in range(len(jobs))]
-    return {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices, "usage": usage()}
+                                     req.stream_options.include_usage else None, went_away),
+                                 media_type="text/event-stream")
+
+    async def whole():
+        text, finish, adapter = [""] * len(jobs), [None] * len(jobs), [j.adapter for j in jobs]
+        async with contextlib.aclosing(stream_events()) as stream:
+            async for i, kind, value in stream:
+                if kind == "error":
+                    return error_response(500, value, kind="server_error")
+                text[i] += value if kind == "text" else ""
+                finish[i] = value if kind == "done" else finish[i]
+                adapter[i] = value if kind == "adapter" else adapter[i]
+        if chat:
+            choices = [{"index": 0, "message": {"role": "assistant", "content": text[0]}, "logprobs": None,
+                        "finish_reason": finish[0], "adapter": adapter[0]}]
+        else:
+            choices = [{"index": i, "text": text[i], "logprobs": None, "finish_reason": finish[i],
+                        "adapter": adapter[i]} for i in range(len(jobs))]
+        return {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
+                "usage": usage()}
+
+    async def disconnected():  # the body has been read: what the server says next is that the client went away
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    result, gone = asyncio.ensure_future(whole()), asyncio.ensure_future(disconnected())
+    await asyncio.wait([result, gone], return_when=asyncio.FIRST_COMPLETED)
+    gone.cancel()
+    if not result.done():
+        result.cancel()
+        went_away()
+        return error_response(499, "the client closed the connection")  # nginx's code; nobody reads it
+    return result.result()
 
 
-async def sse(events, head: dict, jobs: list[Job], chat: bool, usage: Callable | None):
+async def sse(events, head: dict, jobs: list[Job], chat: bool, usage: Callable | None, went_away: Callable):
     """OpenAI's streaming format: one `data: {chunk}` event per text piece, a last chunk per choice with its
-    finish_reason, the usage chunk if asked for, then `data: [DONE]`."""
+    finish_reason, the usage chunk if asked for, then `data: [DONE]`. Cut short, it calls went_away()."""
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
     adapter = [j.adapter for j in jobs]
 
@@ -431,20 +603,24 @@ async def sse(events, head: dict, jobs: list[Job], chat: bool, usage: Callable |
             choice = {"index": i, "text": piece, "logprobs": None, "finish_reason": finish}
         return f"data: {json.dumps({**head, 'choices': [{**choice, 'adapter': adapter[i]}]})}\n\n"
 
-    if chat:
-        yield chunk(0, "", first=True)
-    async for i, kind, value in events:
-        if kind == "adapter":
-            adapter[i] = value
-        elif kind == "text":
-            yield chunk(i, value)
-        elif kind == "done":
-            yield chunk(i, "", value)
-        else:
-            yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error'}})}\n\n"
-    if usage is not None:
-        yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage()})}\n\n"
-    yield "data: [DONE]\n\n"
+    try:
+        if chat:
+            yield chunk(0, "", first=True)
+        async for i, kind, value in events:
+            if kind == "adapter":
+                adapter[i] = value
+            elif kind == "text":
+                yield chunk(i, value)
+            elif kind == "done":
+                yield chunk(i, "", value)
+            else:
+                yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error'}})}\n\n"
+        if usage is not None:
+            yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage()})}\n\n"
+        yield "data: [DONE]\n\n"
+    except (asyncio.CancelledError, GeneratorExit):  # the client went away: Starlette cancelled or closed the stream
+        went_away()
+        raise
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -469,23 +645,54 @@ def load_service(args: Args, rt: Runtime) -> CompletionService:
                              f"{list(adapters)}")
         adapters = {n: adapters[n] for n in router.names}  # the router's class i is adapter i
     base, tokenizer = load_base(bases.pop(), rt.device)
+    if router is not None and router.head.in_features != base.config.n_embd:
+        raise InputError(f"{router_dir}: the router reads {router.head.in_features} features, the base's hidden "
+                         f"states have {base.config.n_embd}")
     multi, names = build_multi_adapter(base, adapters, qlora=qlora.pop())
     return CompletionService(multi, names, tokenizer, router, rt, args.max_batch, args.batch_window_ms)
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (uvicorn listens on it), or an InputError naming why not."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, OverflowError) as e:  # no such host, a port beyond 65535
+        raise InputError(f"cannot listen on {host}:{port}: {e}") from None
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart need not wait for TIME_WAIT
+    try:
+        sock.bind(address)
+    except OSError as e:  # most often: another server has the port
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def server_config(service: CompletionService, args: Args, **options) -> uvicorn.Config:
+    """uvicorn's configuration of the app over `service`, with the request limits of `args`; options: more of
+    uvicorn.Config's (log_level, access_log, ...)."""
+    protocol = type("H11Protocol", (TimedH11Protocol,), {"head_timeout_s": args.read_timeout_s})  # this server's
+    return uvicorn.Config(make_app(service, args.max_body_bytes, args.read_timeout_s), http=protocol, **options)
+
+
 def main(args: Args):
     """Load the deployment and serve it until interrupted."""
-    rt = setup_runtime(args.device, args.dtype)
-    service = load_service(args, rt)
-    print(f"serving {service.models()} on http://{args.host}:{args.port}/v1 (OpenAI-compatible)")
+    check_args(args, {"max_batch": POSITIVE, "batch_window_ms": NON_NEGATIVE, "max_body_bytes": POSITIVE,
+                      "read_timeout_s": POSITIVE, "port": (lambda v: 0 <= v <= 65535, "0 to 65535 (0: any free port)")})
+    sock = listen(args.host, args.port)  # first: a port in use fails in one line, before the model loads
     try:
-        uvicorn.run(make_app(service), host=args.host, port=args.port)
+        rt = setup_runtime(args.device, args.dtype)
+        service = load_service(args, rt)
+        print(f"serving {service.models()} on http://{args.host}:{sock.getsockname()[1]}/v1 (OpenAI-compatible)")
+        try:
+            uvicorn.Server(server_config(service, args)).run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised the Ctrl-C it caught
+            pass
+        finally:
+            service.close()
     finally:
-        service.close()
+        sock.close()
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args))
-    except (InputError, FileNotFoundError) as e:  # bad input: one line, no traceback
-        sys.exit(f"error: {e}")
+    run_command(main, lambda: tyro.cli(Args))

@@ -22,15 +22,12 @@ Run it:
     torchrun --standalone --nproc_per_node=2 sft.py      # DDP
 """
 
-import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import tyro
 from tqdm.auto import tqdm
 
 from alignment_task import make_instructions, read_jsonl
@@ -52,6 +49,10 @@ from training import (
     count_targets,
     derived_seed,
     lr_at,
+    parse_args,
+    prepare_run,
+    require_checkpoint,
+    run_command,
     seeded,
     setup_runtime,
     sync,
@@ -210,10 +211,17 @@ def load_data(args: Args, tokenizer) -> tuple[list[dict], list[dict], str]:
             make_instructions(args.n_test, "test", args.seed, tokenizer), "alignment task")
 
 
+# the command that writes the default --init-from, runs/pretrain/latest
+PRETRAIN_COMMAND = "`python minigpt.py --run-name pretrain --block-size 128 --batch-size 6` (or `pipeline.py run`)"
+
+
 def main(args: Args) -> dict:
-    # --- devices, processes, run directory ---
+    # --- arguments, run directory and the base model's checkpoint, checked before any work; devices, processes ---
+    run_dir, _ = prepare_run(args, {"lora_alpha": (lambda v: v > 0, "> 0")})
+    if args.qlora and not args.lora_rank:
+        raise InputError("--qlora needs --lora-rank > 0")
+    require_checkpoint(args.init_from, "--init-from", PRETRAIN_COMMAND)
     rt = setup_runtime(args.device, args.dtype)
-    run_dir = Path(args.output_dir) / args.run_name
 
     # --- model: the base, with an end-of-text token; with --lora-rank, LoRA adapters on it (the rest frozen) ---
     model, tokenizer = load_policy(args.init_from, args.dropout)
@@ -318,7 +326,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args))
-    except (InputError, FileNotFoundError) as e:  # bad input: one line, no traceback
-        sys.exit(f"error: {e}")
+    run_command(main, lambda: parse_args(Args))  # bad input: one line, exit status 1, no traceback

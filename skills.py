@@ -24,7 +24,6 @@ Run it:
 import copy
 import json
 import re
-import sys
 import time
 from dataclasses import dataclass
 from hashlib import sha256
@@ -35,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -369,10 +369,17 @@ def save_router(router: Router, path: Path):
 def load_router(path: Path) -> Router:
     if not (path / "router.json").exists():
         raise InputError(f"{path}/router.json: no router (python skills.py train or eval writes one)")
-    names = json.loads((path / "router.json").read_text())["names"]
-    sd = load_file(path / "router.safetensors")
-    router = Router(sd["mu"].numel(), names)
-    router.load_state_dict(sd)
+    try:  # a truncated or hand-edited file is one line naming it, never a traceback
+        names = json.loads((path / "router.json").read_text())["names"]
+        if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+            raise ValueError("'names' is not a list of adapter names")
+        sd = load_file(path / "router.safetensors")
+        router = Router(sd["mu"].numel(), names)
+        router.load_state_dict(sd)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
+        # (json's JSONDecodeError is a ValueError; load_state_dict's shape mismatch a RuntimeError of many lines)
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise InputError(f"{path}: not a router written by skills.py ({type(e).__name__}: {reason})") from None
     return router.eval()
 
 
@@ -426,12 +433,31 @@ def evaluate(args: Args, base: GPT, tokenizer, tasks: dict, adapters: dict[str, 
     return report
 
 
-def train(args: TrainArgs) -> dict:
-    rt = setup_runtime(args.device, args.dtype)
-    run_dir = Path(args.output_dir) / args.run_name
+def check_train(args: TrainArgs) -> Path:
+    """`train`'s arguments and run directory, before any work: the fields (training.check_args), the tasks, and a
+    directory that holds adapters already is refused unless --resume (keep them) or --overwrite (train them again).
+    Returns the run directory."""
+    positive = (lambda v: v > 0, "> 0")
+    training.check_args(args, {"rank": positive, "alpha": positive, "base_iters": positive, "base_n_layer": positive,
+                               "base_n_embd": positive, "base_block_size": positive, "base_batch_size": positive})
     unknown = [t for t in args.tasks if t not in TASKS]
     if unknown or not args.tasks:
         raise InputError(f"--tasks {list(args.tasks)}: expected some of {list(TASKS)}")
+    if args.resume and args.overwrite:
+        raise InputError("--resume keeps the adapters trained already and --overwrite trains them again: give one")
+    run_dir = Path(args.output_dir) / args.run_name
+    held = sorted(d.name for d in (run_dir / "adapters").glob("*") if (d / "adapter_model.safetensors").exists())
+    if held and not (args.resume or args.overwrite):
+        raise InputError(f"{run_dir} already holds adapters ({', '.join(held)}): keep them and train only the missing "
+                         "ones with --resume, start a new run elsewhere with --run-name NAME or --output-dir DIR, or "
+                         "train them again with --overwrite")
+    training.check_writable(run_dir)
+    return run_dir
+
+
+def train(args: TrainArgs) -> dict:
+    run_dir = check_train(args)
+    rt = setup_runtime(args.device, args.dtype)
 
     # --- the frozen base: a minigpt checkpoint, pretrained here first if missing ---
     ensure_base(args, rt)
@@ -483,9 +509,5 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    cli = tyro.cli(Annotated[TrainArgs, tyro.conf.subcommand("train")]
-                   | Annotated[EvalArgs, tyro.conf.subcommand("eval")])
-    try:
-        main(cli)
-    except (InputError, FileNotFoundError) as e:  # bad input: one line, no traceback
-        sys.exit(f"error: {e}")
+    training.run_command(main, lambda: tyro.cli(Annotated[TrainArgs, tyro.conf.subcommand("train")]
+                                                | Annotated[EvalArgs, tyro.conf.subcommand("eval")]))

@@ -303,6 +303,9 @@ def test_bad_input_is_a_clear_error(sft_policy, tmp_path):
 
 def test_command_line_error_is_one_line_and_exit_status_1(sft_policy, tmp_path):
     proc = subprocess.run([sys.executable, "dpo.py", "--init-from", str(sft_policy[0]), "--train-path",
-                           str(tmp_path / "nope.jsonl")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                           str(tmp_path / "nope.jsonl"), "--output-dir", str(tmp_path / "runs")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
-    assert proc.stderr.strip() == f"error: {tmp_path / 'nope.jsonl'}: no such file"
+    assert proc.stderr.strip() == (f"error: --train-path {tmp_path / 'nope.jsonl'}: no such file; `python "
+                                   "reward_model.py pairs` writes the preference pairs (or give --train-path a JSONL "
+                                   "file of them)")

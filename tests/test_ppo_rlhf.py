@@ -357,21 +357,22 @@ def test_resumed_run_has_the_metrics_of_the_uninterrupted_run(pipeline, monkeypa
 
 
 def test_bad_input_is_a_clear_error(pipeline, tmp_path):
-    with pytest.raises(InputError, match="cannot load a GPT-2 (or Llama )?checkpoint from '.*missing'"):
-        P.main(ppo_args(pipeline, policy=str(tmp_path / "missing")))
+    new = dict(output_dir=str(tmp_path / "runs"))  # a new run: the first test's is in <pipeline>/runs/ppo
+    with pytest.raises(InputError, match=r"--policy .*missing: no checkpoint there; `python sft.py`"):
+        P.main(ppo_args(pipeline, **new, policy=str(tmp_path / "missing")))
     with pytest.raises(InputError, match="no reward model here"):
-        P.main(ppo_args(pipeline, reward_model=str(tmp_path)))
+        P.main(ppo_args(pipeline, **new, reward_model=str(tmp_path)))
     with pytest.raises(InputError, match="--minibatch-size 5 does not divide --batch-size 32"):
-        P.main(ppo_args(pipeline, minibatch_size=5))
+        P.main(ppo_args(pipeline, **new, minibatch_size=5))
     with pytest.raises(InputError, match="--temperature 0"):
-        P.main(ppo_args(pipeline, temperature=0.0))
+        P.main(ppo_args(pipeline, **new, temperature=0.0))
     with pytest.raises(InputError, match="--resume: no checkpoint"):
-        P.main(ppo_args(pipeline, resume=True, run_name="never"))
+        P.main(ppo_args(pipeline, **new, resume=True, run_name="never"))
     long = task.format_prompt("Say something about " + "love, " * 20)
     task.write_jsonl(tmp_path / "long.jsonl", [{"prompt": task.format_prompt("Hi.")}, {"prompt": long}])
     with pytest.raises(InputError, match=r"training prompt 1 has 161 tokens; with --max-new-tokens 32 it does not "
                                          r"fit the policy's context \(160\)"):
-        P.main(ppo_args(pipeline, prompts_path=str(tmp_path / "long.jsonl")))
+        P.main(ppo_args(pipeline, **new, prompts_path=str(tmp_path / "long.jsonl")))
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"text": "b"}\n')
     with pytest.raises(InputError, match="bad.jsonl, line 2"):
-        P.main(ppo_args(pipeline, prompts_path=str(tmp_path / "bad.jsonl")))
+        P.main(ppo_args(pipeline, **new, prompts_path=str(tmp_path / "bad.jsonl")))
