@@ -19,7 +19,7 @@ Subcommands:
 
 Run it:
     python pipeline.py run                  # every stage, then the table
-    python pipeline.py run --reuse          # only what is missing (finished stages are kept), then the table
+    python pipeline.py run --reuse          # finished stages kept, an interrupted one resumed, then the table
     python pipeline.py sweep                # after `run`: PPO and DPO at 4 betas each
     python pipeline.py overopt              # after `run`: a long PPO run
 """
@@ -169,10 +169,21 @@ def check_stages_before(out: Path):
     require_checkpoint(str(out / "reward_model" / "latest"), "--output-dir", "`python pipeline.py run`")
 
 
-def stage(name: str, done: Path, reuse: bool, fn, timings: dict):
-    """Run fn unless reuse and its output exists; record its wall time."""
-    if reuse and done.exists():
-        print(f"=== {name}: kept {done}")
+def finished(latest: Path) -> bool:
+    """A training stage is finished when its latest checkpoint is at its run's last step; one that stopped before
+    (killed, or a machine that went away) is not, and --reuse resumes it instead of keeping it."""
+    try:
+        meta = json.loads((latest / "run.json").read_text())
+    except (OSError, ValueError):
+        return False
+    total = meta.get("args", {}).get("max_iters", meta.get("args", {}).get("total_steps"))
+    return total is not None and meta.get("step") == total
+
+
+def stage(name: str, done: bool, fn, timings: dict):
+    """Run fn unless its output is kept (done); record its wall time."""
+    if done:
+        print(f"=== {name}: kept")
         return None
     print(f"=== {name}")
     t0 = time.perf_counter()
@@ -185,28 +196,32 @@ def stage(name: str, done: Path, reuse: bool, fn, timings: dict):
 def run(args: RunArgs) -> dict:
     out, t_start, timings = Path(args.output_dir), time.perf_counter(), {}
     check_args(args, RULES)
-    # what each stage leaves when it has finished (--reuse keeps it), and what it leaves as soon as it has begun
-    done = {name: out / name / "latest" for name in ("pretrain", "sft", "ppo", "dpo")}
-    done |= {"pairs": out / "pairs" / "pairs_test.jsonl",
-             "reward_model": out / "reward_model" / "latest" / "results.json"}
-    begun = {name: out / name / "latest" for name in done} | {"pairs": done["pairs"]}
-    check_new_runs(args, [out / name for name in done if not (args.reuse and done[name].exists())
+    # what each stage leaves when it has begun, and whether it has finished (--reuse keeps a finished stage and
+    # resumes an interrupted one)
+    begun = {name: out / name / "latest" for name in ("pretrain", "sft", "ppo", "dpo")}
+    begun |= {"pairs": out / "pairs" / "pairs_test.jsonl", "reward_model": out / "reward_model" / "latest"}
+    done = {name: args.reuse and finished(begun[name]) for name in ("pretrain", "sft", "ppo", "dpo")}
+    done |= {"pairs": args.reuse and begun["pairs"].exists(),
+             "reward_model": args.reuse and (begun["reward_model"] / "results.json").exists()}
+    resume = {name: args.reuse and begun[name].exists() and not done[name]
+              for name in ("pretrain", "sft", "ppo", "dpo")}
+    check_new_runs(args, [out / name for name in done if not done[name] and not resume.get(name)
                           and begun[name].exists()])  # a stage that runs into a run would replace it
     common = dict(seed=args.seed, device=args.device, output_dir=args.output_dir, overwrite=args.overwrite)
     sft_dir, rm_dir = str(out / "sft" / "latest"), str(out / "reward_model" / "latest")
-    stage("pretrain", done["pretrain"], args.reuse, lambda: minigpt.main(minigpt.Args(
+    stage("pretrain", done["pretrain"], lambda: minigpt.main(minigpt.Args(
         **common, run_name="pretrain", block_size=args.pretrain_block_size, batch_size=args.pretrain_batch_size,
-        max_iters=args.pretrain_iters, sample_tokens=200)), timings)
-    stage("sft", done["sft"], args.reuse,
-          lambda: sft.main(sft.Args(**common, init_from=str(out / "pretrain" / "latest"))), timings)
+        max_iters=args.pretrain_iters, sample_tokens=200, resume=resume["pretrain"])), timings)
+    stage("sft", done["sft"], lambda: sft.main(sft.Args(**common, init_from=str(out / "pretrain" / "latest"),
+                                                         resume=resume["sft"])), timings)
     pairs = reward_model.PairsArgs(seed=args.seed, device=args.device, policy=sft_dir, out_dir=str(out / "pairs"))
-    stage("pairs", done["pairs"], args.reuse, lambda: reward_model.make_pairs(pairs), timings)
-    stage("reward_model", done["reward_model"], args.reuse, lambda: reward_model.train(
+    stage("pairs", done["pairs"], lambda: reward_model.make_pairs(pairs), timings)
+    stage("reward_model", done["reward_model"], lambda: reward_model.train(
         reward_model.TrainArgs(**common, init_from=sft_dir, **pair_paths(out, "pairs_"))), timings)
-    stage("ppo", done["ppo"], args.reuse, lambda: ppo_rlhf.main(ppo_rlhf.Args(
-        **common, policy=sft_dir, reward_model=rm_dir)), timings)
-    stage("dpo", done["dpo"], args.reuse, lambda: dpo.main(dpo.Args(
-        **common, init_from=sft_dir, **pair_paths(out, "", "_path"))), timings)
+    stage("ppo", done["ppo"], lambda: ppo_rlhf.main(ppo_rlhf.Args(
+        **common, policy=sft_dir, reward_model=rm_dir, resume=resume["ppo"])), timings)
+    stage("dpo", done["dpo"], lambda: dpo.main(dpo.Args(
+        **common, init_from=sft_dir, **pair_paths(out, "", "_path"), resume=resume["dpo"])), timings)
 
     # --- the comparison: every policy judged on the same prompts, the same way ---
     print("=== comparison")

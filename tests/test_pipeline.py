@@ -198,9 +198,6 @@ def test_run_reuse_runs_only_the_missing_stage_and_gives_the_same_table(ran, mon
         (out / "dpo" / "latest" / "model.safetensors").read_bytes()
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline.py run --reuse keeps a stage whose run was interrupted: a stage "
-                                       "counts as done as soon as <stage>/latest exists, which its first checkpoint "
-                                       "makes")
 def test_run_reuse_does_not_keep_an_interrupted_stage(ran, monkeypatch, tmp_path):
     out, _, _ = ran
     again = tmp_path / "runs"
