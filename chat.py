@@ -20,7 +20,7 @@ from typing import Annotated
 import torch
 import tyro
 
-from minigpt import load_pretrained
+from gpt import load_pretrained
 from training import InputError, check_args, run_command, seeded, setup_runtime
 
 

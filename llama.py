@@ -1,6 +1,6 @@
-"""llama.py: the pieces that make minigpt's GPT a Llama (Touvron et al. 2023, "LLaMA"; SmolLM2 is one).
+"""llama.py: the pieces that make the GPT of gpt.py a Llama (Touvron et al. 2023, "LLaMA"; SmolLM2 is one).
 
-Each replaces one piece of GPT-2 and is chosen by `GPTConfig(arch="llama")` in minigpt.py:
+Each replaces one piece of GPT-2 and is chosen by `GPTConfig(arch="llama")` in gpt.py:
 - rotary position embeddings (Su et al. 2021, "RoFormer") instead of learned positions: queries and keys are rotated
   by angles proportional to their positions, so attention scores depend on relative position;
 - RMSNorm (Zhang & Sennrich 2019) instead of LayerNorm;

@@ -42,8 +42,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import training
+from gpt import GPT, left_pad, load_pretrained
 from llama import LLAMA_NAMES, rename
-from minigpt import GPT, left_pad, load_pretrained
 from training import InputError
 
 

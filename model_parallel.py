@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Shard
 
 from data_parallel import COMM, GradBuckets, Strategy
+from gpt import GPT, CausalSelfAttention
 from llama import rotary_cos_sin
-from minigpt import GPT, CausalSelfAttention
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tensor parallel, Megatron style: each rank holds 1/t of every block's heads and MLP

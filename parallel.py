@@ -62,7 +62,7 @@ import model_parallel as MP
 import planner
 import tokenization
 import training
-from minigpt import GPT, Block, GPTConfig
+from gpt import GPT, Block, GPTConfig
 from training import InputError
 
 STRATEGIES = ("ddp", "ddp-torch", "zero1", "fsdp", "tp", "tp-torch", "pp-gpipe", "pp-1f1b", "dp-tp")

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import tyro
 
-import minigpt as M
-from minigpt import GPTConfig
+import gpt
+from gpt import GPTConfig
 from training import InputError
 
 
@@ -132,10 +132,10 @@ def plan_layout(a: Args, dp: int, tp: int, pp: int, recompute: str) -> dict:
     act = (activation_memory_per_layer(s, b, h, a.heads, tp, tp > 1, recompute, a.flash_attention)
            * L / pp * min(pp, m))
     memory = sum(states.values()) + act
-    # compute: 6N + 12 L h s FLOPs per token (Kaplan et al. 2020; minigpt.flops_per_token); recomputation adds a
+    # compute: 6N + 12 L h s FLOPs per token (Kaplan et al. 2020; gpt.flops_per_token); recomputation adds a
     # forward pass of the layers, 2N per token, for 'full' (Korthikanti sec. 5; selective adds ~the attention only)
     tokens = a.global_batch * s
-    flops = M.flops_per_token(GPTConfig(n_layer=L, n_embd=h, n_head=a.heads, block_size=s), int(a.n_params)) * tokens
+    flops = gpt.flops_per_token(GPTConfig(n_layer=L, n_embd=h, n_head=a.heads, block_size=s), int(a.n_params)) * tokens
     executed = flops + (2 * a.n_params * tokens if recompute == "full" else 0)
     compute = executed / (a.gpus * a.peak_tflops * 1e12 * a.efficiency)
     bubble = compute * (pp - 1) / m  # the pipeline bubble: (p-1)/(m+p-1) of the whole step (GPipe, sec. 2.2)

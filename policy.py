@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from alignment_task import gold_rewards, make_instructions
+from gpt import left_pad, load_pretrained
 from lora import apply_lora, load_adapter, merge_and_unload, save_adapter
-from minigpt import left_pad, load_pretrained
 from tokenization import CharTokenizer
 from training import InputError, load_checkpoint, read_json, read_torch, save_checkpoint, seeded
 
@@ -44,7 +44,7 @@ from training import InputError, load_checkpoint, read_json, read_torch, save_ch
 def load_policy(init_from: str, dropout: float = 0.0, add_eot: bool = True):
     """(GPT, tokenizer) from a run's checkpoint directory or a Hugging Face GPT-2 (hub name or directory), with a
     tokenizer that has an end-of-text token, the token that ends every response. GPT-2's BPE has <|endoftext|>; a
-    char-level base gains one (a new embedding row, minigpt.GPT.resize_vocab), or, with add_eot=False (a policy
+    char-level base gains one (a new embedding row, gpt.GPT.resize_vocab), or, with add_eot=False (a policy
     that must already have learned to end its responses, as PPO's), lacking one is an error."""
     model, tokenizer = load_pretrained(init_from, dropout=dropout)
     if tokenizer.eot_token is None:
@@ -152,7 +152,7 @@ def padded_batch(examples: list[tuple[list[int], int]], pad_id: int, device="cpu
 
 def encode_prompts(tokenizer, prompts: list[str], device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of prompts for generation: token ids (B, P) left-padded with the end-of-text token, and their attention
-    mask (B, P), so that every response starts at column P (minigpt.left_pad; padded positions are masked)."""
+    mask (B, P), so that every response starts at column P (gpt.left_pad; padded positions are masked)."""
     return left_pad([tokenizer.encode(p) for p in prompts], tokenizer.eot_token, device)
 
 

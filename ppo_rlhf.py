@@ -32,7 +32,7 @@ Run it (after sft.py and reward_model.py have written runs/sft/ and runs/reward_
     python ppo_rlhf.py --critic separate        # a separate critic initialised from the reward model
     python ppo_rlhf.py --policy gpt2 --reward-model runs/reward_model-gpt2/latest --dataset Anthropic/hh-rlhf
                                                 # with a hub: a GPT-2 policy, prompts of an hh-rlhf layout data set
-The last checkpoint is the trained policy, a Hugging Face model directory: `minigpt.load_pretrained("runs/ppo/latest")`
+The last checkpoint is the trained policy, a Hugging Face model directory: `gpt.load_pretrained("runs/ppo/latest")`
 or `GPT2LMHeadModel.from_pretrained("runs/ppo/latest")`; runs/ppo/history.json holds every logged metric.
 """
 

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from alignment_task import deciding_terms, gold_reward, read_pairs, write_jsonl
 from assets import DATA_DIR
-from minigpt import GPT, GPTConfig
+from gpt import GPT, GPTConfig
 from policy import as_prompt, eval_mode, generate_responses, load_policy, task_prompts
 from tokenization import get_tokenizer
 from training import (

@@ -1,7 +1,7 @@
 """sample.py: generate text from any language model the project writes (or any Hugging Face GPT-2).
 
 A checkpoint of minigpt.py, sft.py, dpo.py or ppo_rlhf.py is a Hugging Face model directory plus run.json, which
-names its tokenizer; this loads it with minigpt.load_pretrained and continues a prompt with the KV-cached
+names its tokenizer; this loads it with gpt.load_pretrained and continues a prompt with the KV-cached
 `GPT.generate` (temperature, top-k, nucleus). With --chat the prompt is a user's message, rendered in the model's
 chat template (`tokenizer.chat`), which is what the post-trained policies were trained on. A LoRA adapter (PEFT's
 layout, e.g. one of skills.py's) can be applied on top with --adapter.
@@ -22,8 +22,8 @@ from typing import Annotated
 import torch
 import tyro
 
+from gpt import load_pretrained
 from lora import load_adapter
-from minigpt import load_pretrained
 from training import InputError, check_args, read_json, run_command, seeded, setup_runtime
 
 

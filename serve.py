@@ -71,9 +71,9 @@ from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-import minigpt
+import gpt
+from gpt import GPT, left_pad
 from lora import adapter_rows, build_multi_adapter, generate_rows, read_adapter
-from minigpt import GPT, left_pad
 from skills import Router, adapter_dirs, load_base, load_router, route
 from training import NON_NEGATIVE, POSITIVE, InputError, Runtime, check_args, run_command, setup_runtime
 
@@ -243,7 +243,7 @@ class CompletionService:
 
     def _sample(self, batch: list[Job]):
         def sample(logits):  # (B, vocab) -> (B,), each row with its own request's settings and generator
-            return torch.cat([minigpt.sample_next_token(logits[i:i + 1], j.temperature, None, j.top_p, j.generator)
+            return torch.cat([gpt.sample_next_token(logits[i:i + 1], j.temperature, None, j.top_p, j.generator)
                               for i, j in enumerate(batch)])
         return sample
 

@@ -146,7 +146,7 @@ def encode_all(tokenizer, rows: list[dict], block_size: int, source: str) -> tup
 def pack_examples(examples: list[tuple[list[int], int]], block_size: int, pad_id: int):
     """Packed rows (x, y, document_ids), each (n_rows, block_size): examples laid end to end in the given order, a
     new row when the next one does not fit (no example is split). document_ids keep each example attending to itself
-    only, with its own positions (minigpt.GPT.hidden_states), so a packed row gives each example's padded loss
+    only, with its own positions (gpt.GPT.hidden_states), so a packed row gives each example's padded loss
     (policy.padded_batch's)."""
     rows, cur = [], []
     for ids, n_prompt in examples:

@@ -41,8 +41,8 @@ from tqdm.auto import tqdm
 import minigpt
 import training
 from assets import DATA_DIR, asset_path
+from gpt import GPT, load_pretrained
 from lora import adapter_rows, apply_lora, build_multi_adapter, generate_rows, save_adapter
-from minigpt import GPT, load_pretrained
 from training import InputError, Logger, RunArgs, derived_seed, seeded, setup_runtime
 
 

@@ -34,7 +34,7 @@ import lora  # noqa: E402
 import serve
 import skills
 import training
-from minigpt import GPT, GPTConfig, left_pad
+from gpt import GPT, GPTConfig, left_pad
 from tokenization import CharTokenizer
 from training import seeded, setup_runtime
 

@@ -1,4 +1,4 @@
-"""Benchmark minigpt's GPT against transformers' GPT2LMHeadModel and LlamaForCausalLM: same weights, same batch, one
+"""Benchmark the GPT of gpt.py against transformers' GPT2LMHeadModel and LlamaForCausalLM: same weights, same batch, one
 process.
 
     python bench/bench_minigpt.py                       # presets 'demo' and 'bpe'
@@ -33,7 +33,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import assets  # noqa: E402
-import minigpt as M  # noqa: E402
+import gpt  # noqa: E402
 import training  # noqa: E402
 
 PRESETS = {  # vocab, layers, heads, width, context, training batch, prompt tokens, new tokens
@@ -93,7 +93,7 @@ def bench(preset: str, args: Args, rt: training.Runtime, peak: float) -> dict:
     hf_cfg = GPT2Config(vocab_size=p["vocab_size"], n_positions=p["block_size"], n_embd=p["n_embd"],
                         n_layer=p["n_layer"], n_head=p["n_head"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     hf = GPT2LMHeadModel(hf_cfg).to(rt.device)
-    ours = M.GPT(M.GPTConfig.from_hf(hf_cfg.to_dict(), "bench")).to(rt.device)
+    ours = gpt.GPT(gpt.GPTConfig.from_hf(hf_cfg.to_dict(), "bench")).to(rt.device)
     ours.load_hf_state_dict(hf.state_dict(), "bench")  # the same weights
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randint(0, p["vocab_size"], (p["batch_size"], p["block_size"]), generator=g).to(rt.device)
@@ -144,7 +144,7 @@ def bench(preset: str, args: Args, rt: training.Runtime, peak: float) -> dict:
     gen_tps = {name: args.gen_batch_size * n / statistics.median(t) for name, t in gtimes.items()}
 
     # --- MFU against the measured matmul peak ---
-    fpt = M.flops_per_token(ours.config, ours.num_params(non_embedding=True))
+    fpt = gpt.flops_per_token(ours.config, ours.num_params(non_embedding=True))
     mfu = {name: fpt * tps / peak for name, tps in train_tps.items()}
 
     print(f"\n### preset {preset}: {ours.num_params() / 1e6:.2f}M parameters (L={p['n_layer']}, H={p['n_head']}, "
@@ -198,7 +198,7 @@ def bench_smollm2(args: Args, rt: training.Runtime, peak: float, batch=(2, 256),
     tokens = x.numel()
     result = {}
     for way in ("full", "lora"):
-        ours = M.GPT.from_pretrained("smollm2").to(rt.device)
+        ours = gpt.GPT.from_pretrained("smollm2").to(rt.device)
         hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).to(rt.device)
         if way == "lora":
             apply_lora(ours, rank, 2 * rank, targets=targets)
@@ -224,7 +224,7 @@ def bench_smollm2(args: Args, rt: training.Runtime, peak: float, batch=(2, 256),
         result[f"memory_{way}"] = {name: peak_bytes(steps[name], m, rt.device) for name, m in
                                    (("minigpt", ours), ("transformers", hf))}
         del ours, hf, steps
-    ours = M.GPT.from_pretrained("smollm2").to(rt.device).eval()
+    ours = gpt.GPT.from_pretrained("smollm2").to(rt.device).eval()
     hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).to(rt.device).eval()
     for B in gen_batches:
         prompt = torch.randint(0, 49152, (B, 16), generator=g).to(rt.device)
@@ -242,7 +242,7 @@ def bench_smollm2(args: Args, rt: training.Runtime, peak: float, batch=(2, 256),
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
     bandwidth = memory_bandwidth(rt.device)
     bound = bandwidth / weight_bytes
-    fpt = M.flops_per_token(ours.config, ours.num_params())
+    fpt = gpt.flops_per_token(ours.config, ours.num_params())
 
     print(f"\n### preset smollm2: SmolLM2-135M-Instruct, {ours.num_params() / 1e6:.1f}M parameters "
           f"({weight_bytes / 2**20:.0f} MiB of weights); training batch {batch[0]}x{batch[1]}; LoRA rank {rank} on "

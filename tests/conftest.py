@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+import gpt
 import tokenization
 
 for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
@@ -26,7 +27,7 @@ def save_tiny_char_base(path, n_layer: int = 2, n_head: int = 2, n_embd: int = 6
     text, _ = M.load_text(M.Args())
     tok = tokenization.CharTokenizer.from_text(text)
     torch.manual_seed(seed)
-    model = M.GPT(M.GPTConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
+    model = gpt.GPT(gpt.GPTConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
                               n_embd=n_embd))
     path = Path(path)
     model.save_pretrained(path)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import chat
+import gpt
 import minigpt as M
 import tokenization
 from training import InputError, Runtime
@@ -23,7 +24,7 @@ def test_the_real_model_answers_a_question(capsys):
 
 def test_streamed_text_equals_the_decoded_generation(tok):
     torch.manual_seed(0)
-    model = M.GPT(M.GPTConfig(arch="llama", vocab_size=tok.vocab_size, block_size=128, n_layer=1, n_head=2,
+    model = gpt.GPT(gpt.GPTConfig(arch="llama", vocab_size=tok.vocab_size, block_size=128, n_layer=1, n_head=2,
                               n_kv_head=1, n_embd=32)).eval()
     ids = tok.encode(tok.chat([{"role": "user", "content": "Grüße! ½ 🙂"}]))
     args = chat.Args(max_new_tokens=30, temperature=1.0, seed=3)

@@ -17,7 +17,7 @@ import planner
 import ppo_rlhf as P
 import reward_model as R
 import training
-from minigpt import GPT, GPTConfig
+from gpt import GPT, GPTConfig
 from policy import generate_responses, load_policy, task_prompts
 
 # ---------------------------------------------------------------------------------------------------------------

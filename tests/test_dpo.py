@@ -16,7 +16,7 @@ import reward_model as RM
 import sft
 from alignment_task import gold_reward, make_instructions, read_pairs, write_jsonl
 from assets import asset_path
-from minigpt import GPT, GPTConfig
+from gpt import GPT, GPTConfig
 from tokenization import CharTokenizer
 from training import InputError
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import gpt
 import minigpt as M
+from gpt import GPT, GPTConfig
 from llama import LLAMA_NAMES, rename
-from minigpt import GPT, GPTConfig
 from training import InputError
 
 # vocab, context, width, layers, heads, kv heads, intermediate, tied, rope theta: GQA with 1 < kv < heads, MQA
@@ -101,7 +102,7 @@ def test_kv_cache_holds_the_kv_heads_and_equals_full_recomputation(pair):
     c = ours.config
     x = torch.randint(0, c.vocab_size, (2, 20), generator=torch.Generator().manual_seed(3))
     full = ours(x)[0]
-    cache = M.KVCache(c.n_layer, 20)
+    cache = gpt.KVCache(c.n_layer, 20)
     parts = [ours.lm_head(ours.hidden_states(x[:, a:b], cache=cache)) for a, b in ((0, 7), (7, 8), (8, 20))]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
     assert cache.k[0].shape == (2, c.n_kv_head, 20, c.n_embd // c.n_head)  # n_kv_head heads: GQA's saving
@@ -111,7 +112,7 @@ def test_left_padded_batch_equals_each_prompt_alone(pair):
     hf, ours = pair
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, ours.config.vocab_size, (n,), generator=g).tolist() for n in (3, 9, 6)]
-    idx, mask = M.left_pad(prompts)
+    idx, mask = gpt.left_pad(prompts)
     batch = ours.generate(idx, 12, temperature=0, attention_mask=mask)
     for b, p in enumerate(prompts):  # rotary positions come from the mask: a row gets what it gets alone
         alone = ours.generate(torch.tensor([p]), 12, temperature=0)

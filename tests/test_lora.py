@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn as nn
 
+import gpt
 import lora
-import minigpt
 import tokenization
 import training
+from gpt import GPT, GPTConfig
 from lora import LoRALinear, NF4Linear, apply_lora, load_adapter, merge_and_unload, save_adapter
-from minigpt import GPT, GPTConfig
 
 # The NF4 code as bitsandbytes ships it (functional.py, get_4bit_type("nf4")), from QLoRA's appendix E.
 NF4_BNB = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -334,7 +334,7 @@ def test_merge_command_exports_the_adapted_model(tmp_path):
             ours = model(x)[0]  # the adapter on the base it was trained on (NF4 with qlora)
             theirs = GPT2LMHeadModel.from_pretrained(out).eval()(x).logits
         torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-5)
-        _, tokenizer = minigpt.load_pretrained(str(out))  # a checkpoint of the project: run.json names the tokenizer
+        _, tokenizer = gpt.load_pretrained(str(out))  # a checkpoint of the project: run.json names the tokenizer
         assert tokenizer.spec() == tok.spec()
     with pytest.raises(training.InputError, match="already holds a model"):
         lora.main(lora.Args(adapter=str(tmp_path / "adapter"), output=str(out)))

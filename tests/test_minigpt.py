@@ -13,10 +13,12 @@ import regex
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+import gpt
 import minigpt as M
 import tokenization
 import training
-from minigpt import GPT, Args, GPTConfig
+from gpt import GPT, GPTConfig
+from minigpt import Args
 from training import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +72,7 @@ def test_logits_loss_and_gradients_equal_transformers(pair):
     hf_grads = dict(hf.named_parameters())
     for name, p in ours.named_parameters():
         g = hf_grads[name].grad
-        torch.testing.assert_close(p.grad, g.t() if name.endswith(M._CONV1D) else g, atol=1e-5, rtol=1e-4,
+        torch.testing.assert_close(p.grad, g.t() if name.endswith(gpt._CONV1D) else g, atol=1e-5, rtol=1e-4,
                                    msg=lambda m: f"{name}: {m}")
 
 
@@ -126,7 +128,7 @@ def test_kv_cache_logits_equal_full_recomputation():
     model = small_gpt()
     x = torch.randint(0, 53, (2, 30))
     full = model(x)[0]
-    cache, steps = M.KVCache(model.config.n_layer, 30), []
+    cache, steps = gpt.KVCache(model.config.n_layer, 30), []
     for chunk in (x[:, :7], x[:, 7:8], x[:, 8:20], *x[:, 20:].split(1, dim=1)):  # a prefill, then pieces
         steps.append(model.lm_head(model.hidden_states(chunk, cache=cache)))
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
@@ -180,12 +182,12 @@ def test_generation_past_the_context_slides_the_window():
 
 def test_sampling_filters_against_brute_force():
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
-    assert int(M.sample_next_token(logits, temperature=0)) == 0
+    assert int(gpt.sample_next_token(logits, temperature=0)) == 0
     g = torch.Generator().manual_seed(0)
-    draws = torch.stack([M.sample_next_token(logits.expand(1000, -1), 0.7, generator=g) for _ in range(20)]).flatten()
+    draws = torch.stack([gpt.sample_next_token(logits.expand(1000, -1), 0.7, generator=g) for _ in range(20)]).flatten()
     freq = torch.bincount(draws, minlength=6).float() / draws.numel()
     torch.testing.assert_close(freq, (logits[0] / 0.7).softmax(-1), atol=0.01, rtol=0)  # 20,000 draws
-    assert set(M.sample_next_token(logits.expand(2000, -1), 1.0, top_k=2, generator=g).tolist()) == {0, 1}
+    assert set(gpt.sample_next_token(logits.expand(2000, -1), 1.0, top_k=2, generator=g).tolist()) == {0, 1}
     # nucleus by brute force: the smallest prefix of tokens (by probability) whose mass reaches top_p
     probs = logits[0].softmax(-1).tolist()
     for top_p in (0.3, 0.6, 0.8, 0.95):
@@ -195,7 +197,7 @@ def test_sampling_filters_against_brute_force():
                 break
             keep.add(i)
             mass += probs[i]
-        got = set(M.sample_next_token(logits.expand(4000, -1), 1.0, top_p=top_p, generator=g).tolist())
+        got = set(gpt.sample_next_token(logits.expand(4000, -1), 1.0, top_p=top_p, generator=g).tolist())
         assert got == keep, top_p
 
 

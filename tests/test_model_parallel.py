@@ -5,7 +5,7 @@ on 2 and 4 processes."""
 import torch
 
 import model_parallel as MP
-from minigpt import CausalSelfAttention, GPTConfig
+from gpt import CausalSelfAttention, GPTConfig
 
 
 def test_pipeline_schedules():

@@ -16,7 +16,7 @@ import data_parallel as DP
 import model_parallel as MP
 import parallel as P
 import training
-from minigpt import GPT, GPTConfig
+from gpt import GPT, GPTConfig
 from training import InputError
 
 ROOT = Path(__file__).resolve().parents[1]

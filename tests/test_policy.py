@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import alignment_task as A
-import minigpt as M
+import gpt
 import policy as P
 import tokenization
 from training import InputError, seeded, setup_runtime
@@ -15,7 +15,7 @@ from training import InputError, seeded, setup_runtime
 
 def tiny_gpt(vocab=23, block=48, seed=0):
     torch.manual_seed(seed)
-    return M.GPT(M.GPTConfig(vocab_size=vocab, block_size=block, n_layer=2, n_head=2, n_embd=16))
+    return gpt.GPT(gpt.GPTConfig(vocab_size=vocab, block_size=block, n_layer=2, n_head=2, n_embd=16))
 
 
 class ToyTokenizer:
@@ -75,7 +75,7 @@ def test_prompts_are_rendered_by_the_tokenizer_chat_template():
 
 
 def test_load_policy_gives_a_char_base_an_end_token(tiny_base):
-    base, tok = M.load_pretrained(str(tiny_base))
+    base, tok = gpt.load_pretrained(str(tiny_base))
     assert tok.eot_token is None
     model, tok2 = P.load_policy(str(tiny_base))
     assert tok2.eot_token == tok.vocab_size == model.config.vocab_size - 1  # one new token and embedding row

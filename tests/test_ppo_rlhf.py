@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import alignment_task as task
+import gpt
 import minigpt as M
 import ppo_rlhf as P
 import reward_model as RM
 import sft as S
-from minigpt import GPT, GPTConfig
+from gpt import GPT, GPTConfig
 from tokenization import CharTokenizer
 from training import InputError, setup_runtime
 
@@ -327,7 +328,7 @@ def test_ppo_raises_reward_model_score_and_gold_reward_with_bounded_kl(pipeline)
     assert init["eval/kl"] == 0 and 0 < final["eval/kl"] < 8 and final["eval/no_eot_frac"] == 0
     saved = json.loads((out["run_dir"] / "history.json").read_text())
     assert saved == json.loads(json.dumps(out["history"]))
-    policy, tok = M.load_pretrained(str(out["run_dir"] / "latest"))  # the trained policy is a minigpt checkpoint
+    policy, tok = gpt.load_pretrained(str(out["run_dir"] / "latest"))  # the trained policy is a minigpt checkpoint
     assert tok.spec() == out["tokenizer"].spec() and policy.config.block_size == 160
 
 

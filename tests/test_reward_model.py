@@ -11,7 +11,7 @@ import torch
 
 import alignment_task as A
 import reward_model as R
-from minigpt import GPTConfig
+from gpt import GPTConfig
 from tokenization import CharTokenizer
 from training import InputError
 

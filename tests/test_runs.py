@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 import alignment_task as A
 import chat
 import dpo as D
+import gpt
 import minibert as B
 import minigpt as M
 import parallel as PAR
@@ -32,7 +33,7 @@ import sample
 import sft as S
 import skills
 import training
-from minigpt import GPTConfig
+from gpt import GPTConfig
 from tokenization import CharTokenizer
 from training import InputError
 
@@ -329,7 +330,7 @@ def test_a_damaged_checkpoint_is_one_line_naming_the_file(run, tmp_path, damage)
         M.main(tiny_args(tmp_path, resume=True, max_iters=4))
     if name != "train_state.pt":  # what reads a model directory: sample.py, chat.py, every stage's --init-from
         with pytest.raises(InputError, match=message):
-            M.load_pretrained(str(run_dir / "latest"))
+            gpt.load_pretrained(str(run_dir / "latest"))
     if name == "model.safetensors":
         with pytest.raises(InputError, match=message):
             training.read_safetensors(run_dir / "latest" / name)
@@ -424,4 +425,4 @@ def test_a_missing_earlier_stage_names_the_command_that_makes_it(tmp_path):
         R.train(R.TrainArgs(init_from=str(nowhere / "sft" / "latest"), pairs_train=str(nowhere / "pairs_train.jsonl"),
                             **out))
     with pytest.raises(InputError, match=r"no such checkpoint directory"):  # sample.py, chat.py
-        M.load_pretrained(str(nowhere / "minigpt" / "latest"))
+        gpt.load_pretrained(str(nowhere / "minigpt" / "latest"))

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import gpt
 import minigpt as M
 import sample
 from training import InputError
@@ -46,7 +47,7 @@ def test_chat_renders_the_template_and_prints_the_reply_only(pattern_run):
 
 
 def test_greedy_equals_the_models_own_generate(pattern_run):
-    model, tok = M.load_pretrained(str(pattern_run / "latest"))
+    model, tok = gpt.load_pretrained(str(pattern_run / "latest"))
     ids = model.eval().generate(torch.tensor([tok.encode("\n\nH")]), 25, temperature=0)
     assert sample.main(sample.Args(str(pattern_run), prompt="\n\nH", temperature=0, max_new_tokens=25)) == [
         tok.decode(ids[0].tolist())]

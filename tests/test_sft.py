@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import minigpt as M
+import gpt
 import sft as S
 from alignment_task import format_prompt, write_jsonl
 from policy import generate_responses, padded_batch
@@ -17,7 +17,7 @@ from training import InputError, count_targets
 
 def tiny_gpt(vocab=23, block=48, seed=0):
     torch.manual_seed(seed)
-    return M.GPT(M.GPTConfig(vocab_size=vocab, block_size=block, n_layer=2, n_head=2, n_embd=16))
+    return gpt.GPT(gpt.GPTConfig(vocab_size=vocab, block_size=block, n_layer=2, n_head=2, n_embd=16))
 
 
 def random_examples(n, vocab=23, seed=1, eot=22):
@@ -80,7 +80,7 @@ def test_eos_is_learned_and_generation_stops(tmp_path, tiny_base):
                            test_path=str(tmp_path / "data.jsonl"), batch_size=4, max_iters=150, eval_interval=150,
                            learning_rate=3e-3, temperature=0.0))
     assert out["heldout_loss"][150] < 0.1 < out["heldout_loss"][0]
-    model, tok = M.load_pretrained(str(out["run_dir"] / "latest"))
+    model, tok = gpt.load_pretrained(str(out["run_dir"] / "latest"))
     texts, _, ended = generate_responses(model, tok, [r["prompt"] for r in rows], 40, temperature=0)
     assert texts == [r["response"] for r in rows] and all(ended)  # the answer, then the end token: it stops
     assert out["no_eos"][150] == 0.0
@@ -94,7 +94,7 @@ def test_sft_end_to_end_lowers_heldout_loss_and_exports_to_transformers(tmp_path
     assert last < 0.75 * first, out["heldout_loss"]
     assert set(out["gold_reward"]) == {0, 20, 40}
     latest = out["run_dir"] / "latest"
-    ours, tok = M.load_pretrained(str(latest))
+    ours, tok = gpt.load_pretrained(str(latest))
     assert tok.eot_token == tok.vocab_size - 1 == ours.config.vocab_size - 1  # the char base gained an end token
     hf = GPT2LMHeadModel.from_pretrained(latest).eval()
     idx = torch.tensor([tok.encode(format_prompt("Say something about love.")) + [tok.eot_token]])
@@ -134,7 +134,7 @@ def test_lora_sft_learns_resumes_and_exports_merged_weights(tmp_path, tiny_base,
         assert resumed["train_loss"][step] == pytest.approx(full["train_loss"][step], rel=1e-5)
     latest = full["run_dir"] / "latest"
     assert (latest / "adapter" / "adapter_config.json").is_file()
-    ours, tok = M.load_pretrained(str(latest))  # the merged policy: a plain GPT-2
+    ours, tok = gpt.load_pretrained(str(latest))  # the merged policy: a plain GPT-2
     hf = GPT2LMHeadModel.from_pretrained(latest).eval()
     idx = torch.tensor([tok.encode(format_prompt("Say hi."))])
     torch.testing.assert_close(ours.eval()(idx)[0], hf(idx).logits, rtol=1e-4, atol=1e-4)
@@ -152,7 +152,7 @@ def test_sft_on_a_llama_with_its_own_chat_template(tmp_path):
 
     tok = get_tokenizer("smollm2")
     torch.manual_seed(0)
-    M.GPT(M.GPTConfig(arch="llama", vocab_size=tok.vocab_size, block_size=96, n_layer=2, n_head=4, n_kv_head=2,
+    gpt.GPT(gpt.GPTConfig(arch="llama", vocab_size=tok.vocab_size, block_size=96, n_layer=2, n_head=4, n_kv_head=2,
                       n_embd=64, tie_word_embeddings=True)).save_pretrained(tmp_path / "base")
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(f"{resolve_pretrained('smollm2')}/{f}", tmp_path / "base" / f)
@@ -165,7 +165,7 @@ def test_sft_on_a_llama_with_its_own_chat_template(tmp_path):
                            learning_rate=3e-3, temperature=0.0, max_new_tokens=8))
     assert out["heldout_loss"][200] < 0.05 * out["heldout_loss"][0], out["heldout_loss"]
     latest = out["run_dir"] / "latest"
-    model, tok2 = M.load_pretrained(str(latest))
+    model, tok2 = gpt.load_pretrained(str(latest))
     assert tok2.eot_token == tok.eot_token == 2  # <|im_end|>: the end of the assistant's turn
     texts, _, ended = generate_responses(model, tok2, [r["prompt"] for r in rows], 8, temperature=0)
     assert texts == [r["response"] for r in rows] and all(ended)

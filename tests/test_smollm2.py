@@ -5,7 +5,7 @@ import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 import assets
-import minigpt as M
+import gpt
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Zwölf Boxkämpfer jagen Viktor quer über den Sylter"]
 
@@ -13,7 +13,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Zwölf Boxkä
 @pytest.fixture(scope="module")
 def models():
     path = assets.resolve_pretrained("smollm2")
-    ours, tok = M.load_pretrained("smollm2")
+    ours, tok = gpt.load_pretrained("smollm2")
     hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return ours.eval(), tok, hf, AutoTokenizer.from_pretrained(path)
 
