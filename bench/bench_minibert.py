@@ -21,6 +21,7 @@ import tyro
 from transformers import BertForSequenceClassification, BertModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bert  # noqa: E402
 import minibert as B  # noqa: E402
 import training
 from tickets import CATEGORIES, make_tickets  # noqa: E402
@@ -54,18 +55,18 @@ def main(args: Args) -> dict:
     rt = setup_runtime(args.device, "float32")  # both in float32: the same matmuls
     print(training.machine_report())
     device = rt.device
-    path = B.resolve_checkpoint(B.MINILM)
-    tokenizer = B.get_tokenizer(path)
+    path = bert.resolve_checkpoint(bert.MINILM)
+    tokenizer = bert.get_tokenizer(path)
     texts = [t for t, _ in make_tickets(args.batch_size, "train", args.seed)]
     enc = tokenizer(texts, padding=True, return_tensors="pt").to(device)
     labels = torch.arange(args.batch_size, device=device) % len(CATEGORIES)
     tokens = enc["input_ids"].numel()
 
     torch.manual_seed(args.seed)
-    ours = B.BertForSequenceClassification.from_pretrained(B.MINILM, log=lambda m: None,
+    ours = bert.BertForSequenceClassification.from_pretrained(bert.MINILM, log=lambda m: None,
                                                           num_labels=len(CATEGORIES)).to(device)
     hf = BertForSequenceClassification.from_pretrained(str(path), num_labels=len(CATEGORIES)).to(device)
-    hf.load_state_dict({B.to_hf_name(k): v for k, v in ours.state_dict().items()})  # the same classifier too
+    hf.load_state_dict({bert.to_hf_name(k): v for k, v in ours.state_dict().items()})  # the same classifier too
     hf_encoder = BertModel.from_pretrained(str(path)).to(device).eval()
 
     @torch.no_grad()

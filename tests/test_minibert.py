@@ -16,9 +16,11 @@ import torch
 import transformers as T
 from safetensors.torch import load_file
 
+import bert
 import minibert as B
 from assets import asset_path
-from minibert import BertConfig, InputError
+from bert import BertConfig
+from minibert import InputError
 from training import configure_optimizer, lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +100,8 @@ def test_encoder_equals_transformers_bert_model(hf_dirs):
     ids, mask, types = padded_batch(cfg)
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types)
-    for cls, head in ((B.BertForSequenceClassification, "classifier"), (B.BertForMaskedLM, "mlm_bias, mlm_dense")):
+    for cls, head in ((bert.BertForSequenceClassification, "classifier"),
+                      (bert.BertForMaskedLM, "mlm_bias, mlm_dense")):
         messages = []
         ours = cls.from_pretrained(path, log=messages.append).eval()
         assert len(messages) == 1 and head in messages[0] and "fresh" in messages[0], messages
@@ -106,7 +109,7 @@ def test_encoder_equals_transformers_bert_model(hf_dirs):
             hidden, pooled = ours.bert(ids, mask, types)
         print(f"{cls.__name__}: hidden max diff {max_diff(hidden, ref.last_hidden_state):.2e}")
         torch.testing.assert_close(hidden, ref.last_hidden_state, **TOL)  # padding positions included
-        if cls is B.BertForSequenceClassification:
+        if cls is bert.BertForSequenceClassification:
             torch.testing.assert_close(pooled, ref.pooler_output, **TOL)
         else:
             assert pooled is None  # BertForMaskedLM has no pooler, as in transformers
@@ -116,7 +119,7 @@ def test_masked_lm_logits_loss_and_gradients_equal_transformers(hf_dirs):
     cfg, dirs = hf_dirs
     hf, path = dirs[T.BertForMaskedLM]
     messages = []
-    ours = B.BertForMaskedLM.from_pretrained(path, log=messages.append).eval()
+    ours = bert.BertForMaskedLM.from_pretrained(path, log=messages.append).eval()
     assert messages == []  # nothing starts fresh
     ids, mask, types = padded_batch(cfg)
     labels = torch.randint(0, cfg["vocab_size"], ids.shape, generator=torch.Generator().manual_seed(2))
@@ -132,7 +135,7 @@ def test_masked_lm_logits_loss_and_gradients_equal_transformers(hf_dirs):
     loss.backward()
     theirs = dict(hf.named_parameters())  # the tied decoder weight is the word embedding, as ours
     for name, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, theirs[B.to_hf_name(name)].grad, atol=1e-5, rtol=1e-4,
+        torch.testing.assert_close(p.grad, theirs[bert.to_hf_name(name)].grad, atol=1e-5, rtol=1e-4,
                                    msg=lambda m: f"{name}: {m}")
 
 
@@ -140,7 +143,7 @@ def test_classification_logits_loss_and_gradients_equal_transformers(hf_dirs):
     cfg, dirs = hf_dirs
     hf, path = dirs[T.BertForSequenceClassification]
     messages = []
-    ours = B.BertForSequenceClassification.from_pretrained(path, log=messages.append).eval()
+    ours = bert.BertForSequenceClassification.from_pretrained(path, log=messages.append).eval()
     assert messages == [] and ours.config.num_labels == cfg["num_labels"]
     ids, mask, types = padded_batch(cfg)
     labels = torch.arange(3) % cfg["num_labels"]
@@ -155,21 +158,21 @@ def test_classification_logits_loss_and_gradients_equal_transformers(hf_dirs):
     loss.backward()
     theirs = dict(hf.named_parameters())
     for name, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, theirs[B.to_hf_name(name)].grad, atol=1e-5, rtol=1e-4,
+        torch.testing.assert_close(p.grad, theirs[bert.to_hf_name(name)].grad, atol=1e-5, rtol=1e-4,
                                    msg=lambda m: f"{name}: {m}")
 
 
 def test_parameter_names_map_one_to_one_onto_transformers():
     kw = CONFIGS[0]
-    for ours_cls, hf_cls in ((B.BertForMaskedLM, T.BertForMaskedLM),
-                             (B.BertForSequenceClassification, T.BertForSequenceClassification)):
+    for ours_cls, hf_cls in ((bert.BertForMaskedLM, T.BertForMaskedLM),
+                             (bert.BertForSequenceClassification, T.BertForSequenceClassification)):
         ours = ours_cls(BertConfig(**kw))
         hf = hf_cls(T.BertConfig(**kw))
-        names = [B.to_hf_name(k) for k in ours.state_dict()]
+        names = [bert.to_hf_name(k) for k in ours.state_dict()]
         assert len(set(names)) == len(names)
         assert set(names) == {k for k, _ in hf.named_parameters()}, hf_cls.__name__
         for name, p in ours.state_dict().items():
-            assert p.shape == hf.get_parameter(B.to_hf_name(name)).shape, name
+            assert p.shape == hf.get_parameter(bert.to_hf_name(name)).shape, name
 
 
 def test_old_checkpoint_with_gamma_beta_names_in_pytorch_model_bin(tmp_path):
@@ -181,7 +184,7 @@ def test_old_checkpoint_with_gamma_beta_names_in_pytorch_model_bin(tmp_path):
     assert sum(".gamma" in k for k in sd) == 1 + 2 * kw["num_hidden_layers"]
     torch.save(sd, tmp_path / "pytorch_model.bin")
     (tmp_path / "config.json").write_text(hf.config.to_json_string())
-    ours = B.BertForSequenceClassification.from_pretrained(str(tmp_path), log=lambda m: None).eval()
+    ours = bert.BertForSequenceClassification.from_pretrained(str(tmp_path), log=lambda m: None).eval()
     ids, mask, types = padded_batch(kw)
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types)
@@ -202,7 +205,7 @@ SENTENCES = [
 
 
 def test_minilm_hidden_states_and_mean_pooled_embeddings_equal_transformers():
-    path = B.resolve_checkpoint("minilm")
+    path = bert.resolve_checkpoint("minilm")
     # transformers 5 ignores vocab_file= (it builds a 4-token vocabulary): vocab= is the argument that reads it
     tok = T.BertTokenizerFast(vocab=str(path / "vocab.txt"))
     enc = tok(SENTENCES, padding=True, return_tensors="pt")
@@ -210,7 +213,7 @@ def test_minilm_hidden_states_and_mean_pooled_embeddings_equal_transformers():
     assert ids[0, 0] == 101 and not (ids == tok.unk_token_id).any()  # a real vocabulary: [CLS], no [UNK]
     assert (mask == 0).any() and (mask.sum(1) != mask.size(1)).sum() == 3  # three rows padded
     messages = []
-    ours = B.BertForSequenceClassification.from_pretrained("minilm", log=messages.append, num_labels=8).eval()
+    ours = bert.BertForSequenceClassification.from_pretrained("minilm", log=messages.append, num_labels=8).eval()
     assert len(messages) == 1 and re.search(r"classifier.*fresh", messages[0]), messages
     assert ours.classifier.weight.shape == (8, 384) and ours.config.num_hidden_layers == 6
     hf = T.BertModel.from_pretrained(str(path), attn_implementation="eager").eval()
@@ -223,7 +226,7 @@ def test_minilm_hidden_states_and_mean_pooled_embeddings_equal_transformers():
     torch.testing.assert_close(pooled, hf_pooled, **TOL)
     # mean pooling written out: the sum of each row's real token states over their count
     expected = torch.stack([ref[i, : int(mask[i].sum())].sum(0) / int(mask[i].sum()) for i in range(len(SENTENCES))])
-    emb = B.mean_pool(hidden, mask)
+    emb = bert.mean_pool(hidden, mask)
     torch.testing.assert_close(emb, expected, **TOL)
     assert not torch.allclose(emb[2], hidden[2].mean(0), atol=1e-3)  # the padding would change the mean
     emb = torch.nn.functional.normalize(emb, dim=-1)
@@ -234,9 +237,9 @@ def test_minilm_hidden_states_and_mean_pooled_embeddings_equal_transformers():
 
 
 def test_get_tokenizer_reads_the_checkpoint_vocabulary():
-    path = B.resolve_checkpoint("minilm")
+    path = bert.resolve_checkpoint("minilm")
     vocab = {w: i for i, w in enumerate((path / "vocab.txt").read_text().splitlines())}
-    tok = B.get_tokenizer(path)
+    tok = bert.get_tokenizer(path)
     words = "how do i reset my password ?".split()  # each a whole WordPiece token of the uncased vocabulary
     expected = [vocab["[CLS]"], *(vocab[w] for w in words), vocab["[SEP]"]]
     assert tok("How do I reset my PASSWORD?")["input_ids"] == expected
@@ -246,7 +249,7 @@ def test_get_tokenizer_reads_the_checkpoint_vocabulary():
 def test_mean_pool_ignores_padding_closed_form():
     hidden = torch.arange(2 * 3 * 2, dtype=torch.float32).view(2, 3, 2)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    torch.testing.assert_close(B.mean_pool(hidden, mask), torch.tensor([[1.0, 2.0], [6.0, 7.0]]))
+    torch.testing.assert_close(bert.mean_pool(hidden, mask), torch.tensor([[1.0, 2.0], [6.0, 7.0]]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -255,7 +258,7 @@ def test_mean_pool_ignores_padding_closed_form():
 
 def test_padded_batch_equals_each_row_alone():
     kw = CONFIGS[0]
-    ours = perturb(B.BertForSequenceClassification(BertConfig(**kw)))
+    ours = perturb(bert.BertForSequenceClassification(BertConfig(**kw)))
     g = torch.Generator().manual_seed(5)
     lengths = [40, 9, 23, 1]
     rows = [torch.randint(0, kw["vocab_size"], (n,), generator=g) for n in lengths]
@@ -303,12 +306,12 @@ def round_trip(ours, hf_cls, path, labels=None):
 
 
 def test_save_pretrained_masked_lm_loads_in_transformers_and_back(tmp_path):
-    round_trip(perturb(B.BertForMaskedLM(BertConfig(**CONFIGS[0])), seed=7), T.BertForMaskedLM, tmp_path)
+    round_trip(perturb(bert.BertForMaskedLM(BertConfig(**CONFIGS[0])), seed=7), T.BertForMaskedLM, tmp_path)
 
 
 def test_save_pretrained_classifier_loads_in_transformers_with_labels_and_back(tmp_path):
     labels = ["billing", "bug", "account", "feature", "other"]
-    ours = perturb(B.BertForSequenceClassification(BertConfig(**CONFIGS[0])), seed=8)
+    ours = perturb(bert.BertForSequenceClassification(BertConfig(**CONFIGS[0])), seed=8)
     hf = round_trip(ours, T.BertForSequenceClassification, tmp_path, labels)
     assert hf.config.id2label == dict(enumerate(labels)) and hf.config.label2id["bug"] == 1
     assert hf.config.num_labels == 5
@@ -319,20 +322,20 @@ def test_save_pretrained_classifier_loads_in_transformers_with_labels_and_back(t
 
 
 def test_save_pretrained_without_labels_keeps_the_number_of_labels(tmp_path):
-    ours = perturb(B.BertForSequenceClassification(BertConfig(**CONFIGS[0])))  # num_labels=5
+    ours = perturb(bert.BertForSequenceClassification(BertConfig(**CONFIGS[0])))  # num_labels=5
     ours.save_pretrained(tmp_path)
     messages = []
-    again = B.BertForSequenceClassification.from_pretrained(str(tmp_path), log=messages.append)
+    again = bert.BertForSequenceClassification.from_pretrained(str(tmp_path), log=messages.append)
     assert messages == [] and again.config.num_labels == 5
 
 
 def test_masked_lm_checkpoint_starts_a_classifier(tmp_path):
-    perturb(B.BertForMaskedLM(BertConfig(**CONFIGS[0]))).save_pretrained(tmp_path)
+    perturb(bert.BertForMaskedLM(BertConfig(**CONFIGS[0]))).save_pretrained(tmp_path)
     hf, info = T.BertForSequenceClassification.from_pretrained(tmp_path, output_loading_info=True)
     assert info["missing_keys"] == {"bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight",
                                     "classifier.bias"}
     messages = []
-    B.BertForSequenceClassification.from_pretrained(str(tmp_path), log=messages.append)
+    bert.BertForSequenceClassification.from_pretrained(str(tmp_path), log=messages.append)
     assert len(messages) == 1 and "pooler" in messages[0] and "classifier" in messages[0]
 
 
@@ -440,7 +443,7 @@ def test_whole_word_masking_selects_all_pieces_of_a_word_or_none():
 
 def test_masked_lm_loss_equals_brute_force_mean_over_selected_positions():
     kw = dict(CONFIGS[0], max_position_embeddings=128, vocab_size=VOCAB)
-    ours = perturb(B.BertForMaskedLM(BertConfig(**kw)))
+    ours = perturb(bert.BertForMaskedLM(BertConfig(**kw)))
     ids, special = masking_batch()
     ids, special = ids[:4], special[:4]
     inputs, labels = B.mask_tokens(ids, special, MASK_ID, VOCAB, generator=torch.Generator().manual_seed(0))
@@ -462,10 +465,10 @@ def test_masked_lm_loss_equals_brute_force_mean_over_selected_positions():
 
 def test_checkpoint_dir_without_config_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match=re.escape(f"{tmp_path}: no config.json")):
-        B.BertForMaskedLM.from_pretrained(str(tmp_path))
+        bert.BertForMaskedLM.from_pretrained(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
     with pytest.raises(InputError, match=re.escape(f"{tmp_path}: no model.safetensors or pytorch_model.bin")):
-        B.BertForMaskedLM.from_pretrained(str(tmp_path))
+        bert.BertForMaskedLM.from_pretrained(str(tmp_path))
 
 
 def test_checkpoint_of_another_shape_is_a_clear_error(tmp_path):
@@ -473,9 +476,9 @@ def test_checkpoint_of_another_shape_is_a_clear_error(tmp_path):
     hf.save_pretrained(tmp_path)
     with pytest.raises(InputError, match=re.escape("bert.encoder.layer.0.intermediate.dense.weight has shape "
                                                    "(48, 32), this model expects (64, 32)")):
-        B.BertForSequenceClassification.from_pretrained(str(tmp_path), log=lambda m: None, intermediate_size=64)
+        bert.BertForSequenceClassification.from_pretrained(str(tmp_path), log=lambda m: None, intermediate_size=64)
     with pytest.raises(InputError, match=r"not a BERT checkpoint of this shape \(missing \['bert\.layers\.2\."):
-        B.BertForSequenceClassification.from_pretrained(str(tmp_path), log=lambda m: None, num_hidden_layers=3)
+        bert.BertForSequenceClassification.from_pretrained(str(tmp_path), log=lambda m: None, num_hidden_layers=3)
 
 
 def test_unsupported_config_is_a_clear_error(tmp_path):
@@ -484,18 +487,18 @@ def test_unsupported_config_is_a_clear_error(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_act": "relu"}))
     with pytest.raises(InputError, match="hidden_act='relu'; this BERT supports only 'gelu'"):
-        B.BertForMaskedLM.from_pretrained(str(tmp_path))
+        bert.BertForMaskedLM.from_pretrained(str(tmp_path))
     with pytest.raises(InputError, match="hidden_size=32 is not a multiple of num_attention_heads=5"):
-        B.Bert(BertConfig(**{**CONFIGS[0], "num_attention_heads": 5}))
+        bert.Bert(BertConfig(**{**CONFIGS[0], "num_attention_heads": 5}))
 
 
 def test_sequence_longer_than_the_positions_is_a_clear_error():
-    model = B.BertForSequenceClassification(BertConfig(**CONFIGS[0])).eval()  # 40 positions
+    model = bert.BertForSequenceClassification(BertConfig(**CONFIGS[0])).eval()  # 40 positions
     model(torch.zeros(1, 40, dtype=torch.long))
     with pytest.raises(InputError, match="a sequence of 41 tokens is longer than the model's 40 positions"):
         model(torch.zeros(1, 41, dtype=torch.long))
     with pytest.raises(InputError, match="41 tokens"):
-        B.BertForMaskedLM(BertConfig(**CONFIGS[0]))(torch.zeros(2, 41, dtype=torch.long))
+        bert.BertForMaskedLM(BertConfig(**CONFIGS[0]))(torch.zeros(2, 41, dtype=torch.long))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -541,7 +544,7 @@ def test_bad_finetune_and_predict_input_is_a_clear_error(monkeypatch):
         B.finetune(B.FinetuneArgs(resume=True))
     with pytest.raises(InputError, match="no ticket to classify"):
         monkeypatch.setattr(sys, "stdin", io.StringIO(""))
-        B.predict(B.PredictArgs(model=str(B.resolve_checkpoint("minilm"))))
+        B.predict(B.PredictArgs(model=str(bert.resolve_checkpoint("minilm"))))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -550,7 +553,7 @@ def test_bad_finetune_and_predict_input_is_a_clear_error(monkeypatch):
 
 def test_selected_only_head_equals_the_full_head():
     kw = CONFIGS[1]
-    model = perturb(B.BertForMaskedLM(BertConfig(**kw))).eval()
+    model = perturb(bert.BertForMaskedLM(BertConfig(**kw))).eval()
     ids, mask, types = padded_batch(kw)
     labels = torch.full_like(ids, -100)
     labels[0, 3], labels[1, 0], labels[2, 5] = 7, 11, 13
