@@ -102,8 +102,9 @@ def reply(model, tokenizer, ids: list[int], args: Args, rt, turn: int, out=None)
 
 def main(args: Args) -> list[str]:
     check_args(args)  # the fields every script shares (--top-k 0, --top-p 2, ...): one line each
-    if args.temperature < 0 or args.max_new_tokens < 1 or args.max_context <= args.max_new_tokens:
-        raise InputError("--temperature must be >= 0, --max-new-tokens >= 1, and --max-context > --max-new-tokens")
+    if args.max_context <= args.max_new_tokens:
+        raise InputError(f"--max-context {args.max_context}: expected more than --max-new-tokens {args.max_new_tokens} "
+                         "(the answer must fit with the question)")
     rt = setup_runtime(args.device, args.dtype)
     model, tokenizer = load_pretrained(args.model)
     model.to(rt.device).eval()

@@ -50,6 +50,8 @@ from policy import (
     sequence_logps,
 )
 from training import (
+    NON_NEGATIVE,
+    POSITIVE,
     InputError,
     Logger,
     RunArgs,
@@ -289,10 +291,10 @@ def preference_metrics(prefix: str, losses, chosen_rewards, rejected_rewards, ch
 # ----------------------------------------------------------------------------------------------------------------
 
 
-RULES = {"beta": (lambda v: v > 0, "> 0"), "label_smoothing": (lambda v: 0 <= v < 0.5, "0 <= eps < 0.5"),
-         "eval_pairs": (lambda v: v >= 0, ">= 0 (0: all)"), "eval_prompts": (lambda v: v > 0, "> 0"),
-         "samples_shown": (lambda v: v >= 0, ">= 0"), "max_length": (lambda v: v > 1, "> 1"),
-         "lora_alpha": (lambda v: v > 0, "> 0")}  # dpo.py's own fields; training.ARG_RULES has the common ones
+RULES = {"beta": POSITIVE, "label_smoothing": (lambda v: 0 <= v < 0.5, "0 <= eps < 0.5"),
+         "eval_pairs": (lambda v: v >= 0, ">= 0 (0: all)"), "eval_prompts": POSITIVE,
+         "samples_shown": NON_NEGATIVE, "max_length": (lambda v: v > 1, "> 1"),
+         "lora_alpha": POSITIVE}  # dpo.py's own fields; training.ARG_RULES has the common ones
 
 
 def main(args: Args) -> dict:

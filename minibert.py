@@ -58,6 +58,7 @@ from bert import (
 from minigpt import load_text  # --data-path, --dataset or the offline corpus, with their checks
 from tickets import bag_of_words_baseline, classification_report, encode_labels, load_labelled, print_report
 from training import (
+    POSITIVE,
     InputError,
     Logger,
     RunArgs,
@@ -278,7 +279,7 @@ def mlm_loss_sum(model, batch):
 def pretrain(args: PretrainArgs) -> dict:
     """Masked-LM pretraining on a text corpus, from scratch or continued from a checkpoint."""
     # --- arguments and run directory, checked before any work; devices and processes (one per GPU or CPU) ---
-    run_dir, _ = prepare_run(args, {k: (lambda v: v > 0, "> 0") for k in (
+    run_dir, _ = prepare_run(args, {k: POSITIVE for k in (
         "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")}
         | {"max_len": (lambda v: v > 2, "> 2 ([CLS] and [SEP] take two)")})
     rt = setup_runtime(args.device, args.dtype)

@@ -63,7 +63,7 @@ import planner
 import tokenization
 import training
 from gpt import GPT, Block, GPTConfig
-from training import InputError
+from training import NON_NEGATIVE, POSITIVE, InputError
 
 STRATEGIES = ("ddp", "ddp-torch", "zero1", "fsdp", "tp", "tp-torch", "pp-gpipe", "pp-1f1b", "dp-tp")
 
@@ -323,7 +323,7 @@ def main(args: Args) -> dict:
     # --- processes and layout ---
     if args.resume:
         raise InputError("--resume: parallel.py does not checkpoint sharded optimizer states; minigpt.py resumes")
-    training.check_args(args, {"bucket_mb": (lambda v: v > 0, "> 0"), "tp": (lambda v: v >= 0, ">= 0")})
+    training.check_args(args, {"bucket_mb": POSITIVE, "tp": NON_NEGATIVE})
     rt = training.setup_runtime(args.device, args.dtype)
     own_group = not dist.is_initialized()
     if own_group:  # one process: a group of one, so every strategy runs unchanged

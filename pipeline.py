@@ -39,7 +39,16 @@ import ppo_rlhf
 import reward_model
 import sft
 from policy import evaluate_policy, load_policy, task_prompts
-from training import InputError, check_args, check_writable, read_json, require_checkpoint, run_command, setup_runtime
+from training import (
+    POSITIVE,
+    InputError,
+    check_args,
+    check_writable,
+    read_json,
+    require_checkpoint,
+    run_command,
+    setup_runtime,
+)
 
 
 @dataclass
@@ -148,7 +157,6 @@ def load_judges(out: Path, rt):
     return sft_model.to(rt.device).eval(), rm.to(rt.device).eval(), tokenizer
 
 
-POSITIVE = (lambda v: v > 0, "> 0")
 RULES = {k: POSITIVE for k in ("pretrain_block_size", "pretrain_batch_size", "pretrain_iters", "n_compare_prompts",
                                "ppo_steps", "kl_coef")}  # the pipeline's own fields; training.ARG_RULES the common ones
 

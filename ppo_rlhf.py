@@ -50,6 +50,8 @@ import alignment_task as task
 from policy import encode_prompts, load_policy, task_prompts
 from reward_model import load_reward_model
 from training import (
+    NON_NEGATIVE,
+    POSITIVE,
     InputError,
     Logger,
     RunArgs,
@@ -510,14 +512,14 @@ def load_prompts(args: Args, tokenizer) -> tuple[list[str], list[str]]:
 
 
 RULES = {  # ppo_rlhf.py's own fields; training.ARG_RULES has the common ones
-    "kl_coef": (lambda v: v >= 0, ">= 0"), "kl_horizon": (lambda v: v > 0, "> 0"),
+    "kl_coef": NON_NEGATIVE, "kl_horizon": POSITIVE,
     "gamma": (lambda v: 0 <= v <= 1, "0 <= gamma <= 1"), "lam": (lambda v: 0 <= v <= 1, "0 <= lambda <= 1"),
-    "clip_range": (lambda v: v > 0, "> 0"), "clip_range_value": (lambda v: v > 0, "> 0"),
-    "vf_coef": (lambda v: v >= 0, ">= 0"), "n_samples_shown": (lambda v: v >= 0, ">= 0"),
+    "clip_range": POSITIVE, "clip_range_value": POSITIVE,
+    "vf_coef": NON_NEGATIVE, "n_samples_shown": NON_NEGATIVE,
 }
 
 
-def check_args(args: Args):
+def check_ppo_args(args: Args):
     """PPO's own constraints between fields (training.prepare_run checks each field alone)."""
     if args.batch_size % args.minibatch_size:
         raise InputError(f"--minibatch-size {args.minibatch_size} does not divide --batch-size {args.batch_size}")
@@ -536,7 +538,7 @@ def check_args(args: Args):
 def main(args: Args) -> dict:
     # --- arguments, run directory and the stages before this one, checked before any work; devices ---
     run_dir, _ = prepare_run(args, RULES)
-    check_args(args)
+    check_ppo_args(args)
     require_checkpoint(args.policy, "--policy", "`python sft.py` (or `python pipeline.py run`)")
     require_checkpoint(args.reward_model, "--reward-model", "`python reward_model.py train` (after `python "
                        "reward_model.py pairs`; or `python pipeline.py run`)")

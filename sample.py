@@ -75,11 +75,7 @@ def resolve(checkpoint: str) -> str:
 
 
 def main(args: Args) -> list[str]:
-    check_args(args)  # the fields every script shares (--top-k 0, --temperature -1, ...): one line each
-    if args.num_samples < 1 or args.max_new_tokens < 1:
-        raise InputError("--num-samples and --max-new-tokens must be at least 1")
-    if args.temperature < 0:
-        raise InputError(f"--temperature {args.temperature}: must be >= 0 (0 is greedy)")
+    check_args(args)  # --num-samples 0, --temperature -1, --top-k 0, ...: one line each
     rt = setup_runtime(args.device, "float32")
     model, tokenizer = load_pretrained(resolve(args.checkpoint))
     if args.adapter:

@@ -42,6 +42,7 @@ from policy import (
     save_policy,
 )
 from training import (
+    POSITIVE,
     InputError,
     Logger,
     RunArgs,
@@ -217,7 +218,7 @@ PRETRAIN_COMMAND = "`python minigpt.py --run-name pretrain --block-size 128 --ba
 
 def main(args: Args) -> dict:
     # --- arguments, run directory and the base model's checkpoint, checked before any work; devices, processes ---
-    run_dir, _ = prepare_run(args, {"lora_alpha": (lambda v: v > 0, "> 0")})
+    run_dir, _ = prepare_run(args, {"lora_alpha": POSITIVE})
     if args.qlora and not args.lora_rank:
         raise InputError("--qlora needs --lora-rank > 0")
     require_checkpoint(args.init_from, "--init-from", PRETRAIN_COMMAND)

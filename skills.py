@@ -43,7 +43,7 @@ import training
 from assets import DATA_DIR, asset_path
 from gpt import GPT, load_pretrained
 from lora import adapter_rows, apply_lora, build_multi_adapter, generate_rows, save_adapter
-from training import InputError, Logger, RunArgs, derived_seed, seeded, setup_runtime
+from training import POSITIVE, InputError, Logger, RunArgs, derived_seed, seeded, setup_runtime
 
 
 @dataclass
@@ -437,9 +437,8 @@ def check_train(args: TrainArgs) -> Path:
     """`train`'s arguments and run directory, before any work: the fields (training.check_args), the tasks, and a
     directory that holds adapters already is refused unless --resume (keep them) or --overwrite (train them again).
     Returns the run directory."""
-    positive = (lambda v: v > 0, "> 0")
-    training.check_args(args, {"rank": positive, "alpha": positive, "base_iters": positive, "base_n_layer": positive,
-                               "base_n_embd": positive, "base_block_size": positive, "base_batch_size": positive})
+    training.check_args(args, {"rank": POSITIVE, "alpha": POSITIVE, "base_iters": POSITIVE, "base_n_layer": POSITIVE,
+                               "base_n_embd": POSITIVE, "base_block_size": POSITIVE, "base_batch_size": POSITIVE})
     unknown = [t for t in args.tasks if t not in TASKS]
     if unknown or not args.tasks:
         raise InputError(f"--tasks {list(args.tasks)}: expected some of {list(TASKS)}")

@@ -103,6 +103,19 @@ class BPETokenizer:
         return {"name": "gpt2"}
 
 
+def _compile_chat_template(source: str):
+    """A chat template compiled as transformers compiles it: Jinja in a sandbox (the template comes with downloaded
+    files, so it may not reach Python), blocks trimmed, and raise_exception for the template's own errors."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise InputError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source)
+
+
 class HFTokenizer:
     """A Hugging Face model's own tokenizer (its tokenizer.json, through the `tokenizers` library) and chat template
     (the Jinja template its tokenizer_config.json or chat_template.jinja holds, rendered as transformers renders it).
@@ -117,9 +130,10 @@ class HFTokenizer:
         self.tok = Tokenizer.from_file(str(path / "tokenizer.json"))
         config = json.loads((path / "tokenizer_config.json").read_text()) if (
             path / "tokenizer_config.json").is_file() else {}
-        self.template = config.get("chat_template")
-        if self.template is None and (path / "chat_template.jinja").is_file():
-            self.template = (path / "chat_template.jinja").read_text()
+        source = config.get("chat_template")
+        if source is None and (path / "chat_template.jinja").is_file():
+            source = (path / "chat_template.jinja").read_text()
+        self.template = None if source is None else _compile_chat_template(source)  # once, not at every prompt
         self.special = {k: config[k] for k in ("bos_token", "eos_token") if isinstance(config.get(k), str)}
         eos = self.special.get("eos_token")
         self.eot_token = self.tok.token_to_id(eos) if eos else None
@@ -136,15 +150,7 @@ class HFTokenizer:
         prompt when none is given), as transformers' apply_chat_template renders it."""
         if self.template is None:
             return hh_chat(messages, add_generation_prompt)
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message):
-            raise InputError(f"chat template: {message}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                     **self.special)
+        return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.special)
 
     def spec(self) -> dict:
         return {"name": "hf", "path": self.name}
