@@ -95,6 +95,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as in the reference code
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.disabled = False  # adapters_disabled(model): the base alone, e.g. a policy's frozen reference
 
     def delta_weight(self) -> torch.Tensor:
         """scale * B A, (out, in): the update folded into the weight by merge()."""
@@ -102,7 +103,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         y = self.base(x)
-        if self.merged:
+        if self.merged or self.disabled:
             return y
         return y + (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scale  # (..., out)
 
@@ -159,6 +160,22 @@ def apply_lora(model: nn.Module, r: int, alpha: float | None = None, dropout: fl
                                                              if isinstance(m, NF4Linear))
     return LoRASummary(r=r, alpha=alpha, rslora=rslora, dropout=dropout, targets=list(targets), qlora=qlora,
                        modules=names, trainable=trainable, total=total)
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module):
+    """Run the block with every (unmerged) LoRA adapter of the model off: the frozen base model itself, the
+    reference of an RL or DPO policy with no second copy of its weights (as PEFT's disable_adapter)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    if any(m.merged for m in layers):
+        raise InputError("adapters_disabled: an adapter is merged into its weight; unmerge it first")
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.disabled = False
 
 
 @torch.no_grad()
