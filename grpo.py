@@ -34,11 +34,13 @@ Run it (after `python assets.py`, which converts SmolLM2-135M-Instruct once):
     python grpo.py --algorithm dr_grpo --run-name dr_grpo          # Dr. GRPO; also rloo
     python grpo.py --loss-agg token --kl-coef 0     # DAPO's token-level loss, no KL term
     python grpo.py plot runs/grpo runs/dr_grpo runs/rloo           # accuracy and length over training, one figure
+    python grpo.py judge --run runs/grpo            # forgetting: the chat task's gold judge before and after
     python grpo.py --device cuda --prompts-per-step 32             # on a GPU (bf16 autocast)
 The adapter of the last checkpoint is in runs/grpo/latest/adapter/ (PEFT's layout) beside the merged model; the
 before-and-after metrics are in runs/grpo/metrics.json.
 """
 
+import hashlib
 import json
 import math
 import sys
@@ -51,9 +53,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from assets import asset_path, resolve_pretrained
+from assets import PRETRAINED, asset_path, resolve_pretrained
 from gpt import left_pad, sample_next_token
-from lora import adapters_disabled
+from lora import adapters_disabled, load_adapter
 from policy import add_lora, eval_mode, load_policy, padded_batch, resume_policy, save_policy
 from training import (
     NON_NEGATIVE,
@@ -61,6 +63,7 @@ from training import (
     InputError,
     Logger,
     RunArgs,
+    atomic_write,
     configure_optimizer,
     lr_at,
     parse_args,
@@ -95,8 +98,9 @@ class Args(RunArgs):
     """held-out problems for pass@k, before and after training (0: none)"""
     passk_samples: int = 8
     """samples per problem for pass@k (k = 1 .. this)"""
-    format_reward: float = 0.0
-    """reward of a stated answer that is wrong (verifiable_task.reward; 1 for a right one, 0 for none)"""
+    format_reward: float = 0.1
+    """reward of a stated answer that is wrong (verifiable_task.reward; 1 for a right one, 0 for none): a small term
+    for the format alone, which gives a group a signal before any of its samples is right"""
     # --- model ---
     init_from: str = "smollm2"
     """the policy to start from: 'smollm2' (offline), a run's checkpoint directory or a Hugging Face model"""
@@ -127,7 +131,7 @@ class Args(RunArgs):
     """coefficient of the k3 KL estimate to the reference in the loss (GRPO's beta: 0.04 in DeepSeekMath; 0, as in
     Dr. GRPO and DAPO, drops the term and a forward pass of the reference per minibatch: the KL is then logged from
     the first minibatch of each batch)"""
-    temperature: float = 0.8
+    temperature: float = 0.7
     """sampling temperature of the rollouts (the log-probabilities of the loss use the same)"""
     max_new_tokens: int = 128
     """longest response; one that does not end within it has no answer"""
@@ -147,8 +151,8 @@ class Args(RunArgs):
     # --- evaluation, logging, checkpoints ---
     eval_interval: int = 6
     """evaluate on eval-subset held-out problems, and checkpoint, every this many batches"""
-    eval_temperature: float = 1.0
-    """temperature of the pass@k samples"""
+    eval_temperature: float = 0.7
+    """temperature of the pass@k samples (the rollouts': what RL samples from)"""
     perplexity_tokens: int = 8192
     """tokens of held-out text (Shakespeare, never in this training) for the perplexity before and after (0: skip)"""
     samples_shown: int = 2
@@ -401,6 +405,26 @@ def full_evaluation(policy, tokenizer, test, args: Args, rt) -> dict:
     return out
 
 
+def before_training(policy, tokenizer, test, args: Args, rt) -> dict:
+    """full_evaluation of the model a run starts from. For an offline model (--init-from smollm2), whose weights never
+    change, it is kept in <output-dir>/eval_cache/ under a key of everything it depends on, so that runs that differ
+    in training only (a variant, a resumed sweep) do not spend a quarter of an hour measuring the same model again."""
+    if args.init_from not in PRETRAINED:
+        return full_evaluation(policy, tokenizer, test, args, rt)
+    depends = {k: getattr(args, k) for k in ("init_from", "kinds", "eval_problems", "passk_problems", "passk_samples",
+                                             "eval_temperature", "max_new_tokens", "perplexity_tokens", "seed")}
+    depends |= {"device": rt.device.type, "dtype": str(rt.dtype), "version": 1}
+    key = hashlib.sha256(json.dumps(depends, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(args.output_dir) / "eval_cache" / f"grpo-before-{key}.json"
+    if path.exists():
+        tqdm.write(f"the instruct model's evaluation, measured before with the same settings: {path}")
+        return read_json(path, "a cached evaluation")
+    out = full_evaluation(policy, tokenizer, test, args, rt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(out | {"depends": depends})))
+    return out
+
+
 RULES = {"train_problems": POSITIVE, "eval_problems": POSITIVE, "eval_subset": POSITIVE,
          "passk_problems": NON_NEGATIVE, "passk_samples": (lambda v: v >= 1, ">= 1"),
          "format_reward": (lambda v: 0 <= v < 1, "0 <= r < 1 (below the reward of a right answer)"),
@@ -455,7 +479,7 @@ def main(args: Args) -> dict:
     t_start = time.perf_counter()
     if start == 0:
         tqdm.write(f"evaluating the instruct model on {len(test)} held-out problems ...")
-        before = full_evaluation(policy, tokenizer, test, args, rt)
+        before = before_training(policy, tokenizer, test, args, rt)
         show(before["answers"], test)
         first = zip(before["answers"][:args.eval_subset], test, strict=False)
         history["eval"][0] = {"pass@1": float(np.mean([check(a, p["answer"]) for a, p in first]))}
@@ -598,16 +622,88 @@ def plot(args: PlotArgs) -> Path:
     return out
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Forgetting in conversation: the chat task's gold judge on the policy and on the model it started from
+
+
+@dataclass
+class JudgeArgs:
+    """The gold judge of the chat task (chat_task.py) on a run's policy and on the model it started from."""
+
+    run: str = "runs/grpo"
+    """a grpo.py run directory (its latest checkpoint's adapter is judged)"""
+    prompts: int = 64
+    """held-out chat prompts (chat_task.make_prompts, test split), a quarter of each family"""
+    max_new_tokens: int = 128
+    """longest reply"""
+    device: str = "auto"
+    """as training's --device"""
+    dtype: str = "auto"
+    """as training's --dtype"""
+
+
+@torch.no_grad()
+def judge(args: JudgeArgs) -> dict:
+    """Greedy replies of the starting model (the adapters off) and of the trained policy to the same held-out chat
+    prompts, judged by chat_task.judge_summary; the gold reward's change with its paired standard error. RL on
+    arithmetic should leave conduct in conversation where it was: a fall here is forgetting."""
+    from chat_task import gold_reward, judge_summary, make_prompts
+
+    ckpt = Path(args.run) / "latest"
+    if not (ckpt / "adapter").is_dir():
+        raise InputError(f"--run {args.run}: no grpo.py checkpoint there (expected {ckpt}/adapter/)")
+    if args.prompts < 1 or args.max_new_tokens < 1:
+        raise InputError("--prompts and --max-new-tokens must be >= 1")
+    meta = read_json(ckpt / "run.json", "a run's metadata")
+    rt = setup_runtime(args.device, args.dtype)
+    policy, tokenizer = load_policy(resolve_pretrained(meta["init_from"]))
+    load_adapter(policy, ckpt / "adapter")
+    policy.to(rt.device)
+    prompts = make_prompts(args.prompts, "test", 0)
+    ids = [tokenizer.encode(tokenizer.chat([{"role": "user", "content": p["text"]}])) for p in prompts]
+
+    def replies() -> list[str]:
+        out = []
+        for i in range(0, len(ids), 64):
+            with rt.autocast():
+                drawn = rollout(policy, ids[i:i + 64], tokenizer.eot_token, args.max_new_tokens, 0.0,
+                                device=rt.device)
+            out += [tokenizer.decode([t for t in s["response"] if t != tokenizer.eot_token]) for s in drawn]
+        return out
+
+    with adapters_disabled(policy):
+        before = replies()
+    after = replies()
+    gain, gain_sem = paired_gain([gold_reward(p, r) for p, r in zip(prompts, after, strict=True)],
+                                 [gold_reward(p, r) for p, r in zip(prompts, before, strict=True)])
+    result = {"instruct": judge_summary(prompts, before), "trained": judge_summary(prompts, after),
+              "gold_change": gain, "gold_change_sem": gain_sem, "prompts": len(prompts),
+              "examples": [{"prompt": p["text"], "family": p["family"], "instruct": b, "trained": a}
+                           for p, b, a in list(zip(prompts, before, after, strict=True))[:8]]}
+    (Path(args.run) / "judge.json").write_text(json.dumps(result, indent=2))
+    for name in ("gold_mean", "toxic_rate", "harmful_compliance_rate", "over_refusal_rate", "correct_rate",
+                 "mean_words", "loop_rate"):
+        print(f"{name:24s} instruct {result['instruct'][name]:.3f}   trained {result['trained'][name]:.3f}")
+    print(f"gold reward change {gain:+.3f} +- {gain_sem:.3f} on {len(prompts)} held-out chat prompts; "
+          f"written to {Path(args.run) / 'judge.json'}")
+    return result
+
+
 def parse_command(argv: list[str] | None = None):
-    """`grpo.py [options]` trains; `grpo.py plot RUN ...` draws the comparison."""
+    """`grpo.py [options]` trains; `grpo.py plot RUN ...` draws the comparison; `grpo.py judge --run RUN` runs the
+    chat judge on a trained policy."""
     import tyro
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["plot"]:
         return tyro.cli(PlotArgs, args=["--runs", *argv[1:]] if argv[1:2] and not argv[1].startswith("-")
                         else argv[1:], prog="grpo.py plot")
+    if argv[:1] == ["judge"]:
+        return tyro.cli(JudgeArgs, args=argv[1:], prog="grpo.py judge")
     return parse_args(Args, argv, "grpo.py")
 
 
+COMMANDS = {Args: main, PlotArgs: plot, JudgeArgs: judge}
+
 if __name__ == "__main__":
-    run_command(lambda a: plot(a) if isinstance(a, PlotArgs) else main(a), parse_command)
+    run_command(lambda a: COMMANDS[type(a)](a), parse_command)

@@ -233,6 +233,17 @@ def test_a_resumed_run_equals_the_uninterrupted_one(peaky_base, tmp_path, monkey
     assert whole.keys() == halves.keys()
     for k in whole:
         torch.testing.assert_close(whole[k], halves[k], rtol=0, atol=0)
+    # the comparison figure reads the runs' histories
+    out = G.plot(G.parse_command(["plot", str(tmp_path / "runs" / "whole"), str(tmp_path / "runs" / "halves"),
+                                  "--out", str(tmp_path / "variants.png")]))
+    assert out.stat().st_size > 10_000
+
+
+def test_the_subcommands_refuse_what_is_not_there(tmp_path):
+    with pytest.raises(InputError, match="no grpo.py checkpoint there"):
+        G.judge(G.JudgeArgs(run=str(tmp_path)))
+    with pytest.raises(InputError, match="holds no metrics.json and no checkpoint"):
+        G.plot(G.PlotArgs(runs=(str(tmp_path),)))
 
 
 @pytest.mark.parametrize("kw, message", [
