@@ -1,12 +1,14 @@
 """serve.py: one process serving a base model and its LoRA adapters behind an OpenAI-compatible API.
 
 The deployment of a skills.py run: the frozen base, every adapter of the run and its router live in one process,
-and requests for different adapters share one forward pass. A worker thread collects the requests that arrive
-within a few milliseconds of each other (--batch-window-ms) and decodes them as one batch, one forward per token for
-all rows, each row with its own adapter (lora.MultiLoRALinear gathers each row's A and B: Punica, Chen et al. 2023;
-S-LoRA, Sheng et al. 2023) and its own sampling settings; model "auto" lets the router pick the adapter. Every row
-computes what its adapter's merged model computes alone (`check_mixed_batch`; bench/bench_lora.py measures the
-throughput against one batch per adapter and one request at a time).
+and requests for different adapters share one forward pass. A worker thread (batching.py) decodes the requests as
+one batch, one forward per token for all rows, each row with its own adapter (lora.MultiLoRALinear gathers each
+row's A and B: Punica, Chen et al. 2023; S-LoRA, Sheng et al. 2023) and its own sampling settings; model "auto"
+lets the router pick the adapter. The batch is continuous (Orca's iteration-level scheduling, Yu et al. 2022): a
+request that arrives while others decode joins them at the next step, and one that ends leaves at once;
+--batching static decodes each batch to its end before starting the next. Every row computes what its adapter's
+merged model computes alone (`check_mixed_batch`; bench/bench_lora.py measures the throughput of a mixed batch
+against one batch per adapter and one request at a time, bench/bench_serve.py the server under load).
 
 The HTTP layer is FastAPI on uvicorn with pydantic request models, as in vLLM's OpenAI-compatible server:
     POST /v1/completions        model, prompt (a string or a list), max_tokens, temperature, top_p, stop, seed, stream
@@ -27,7 +29,8 @@ server goes on serving):
     beyond the context, top_p 0 or > 1), an unknown field, or an OpenAI parameter this server does not implement
     (logprobs, echo, best_of, suffix, logit_bias, presence/frequency_penalty, tools, response_format) at other than
     its do-nothing value: 400;
-  - going away mid-answer: its rows stop at the next step, and it costs one log line.
+  - going away mid-answer: its rows stop at the next step, and it costs one log line;
+  - more prompts waiting for a row than --max-queue: 503 with Retry-After (the queue never grows without bound).
 A temperature below 1e-5 samples greedily (as vLLM does: dividing by it could overflow to inf).
 At start-up, a port in use, a truncated adapter or a corrupt router ends the process with one line and exit status 1
 (the port is taken first, before the model loads).
@@ -47,13 +50,9 @@ import asyncio
 import contextlib
 import json
 import logging
-import queue
 import socket
-import threading
 import time
-import traceback
 import uuid
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,10 +70,10 @@ from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-import gpt
+from batching import Job, QueueFull, Scheduler
 from gpt import GPT, left_pad
 from lora import adapter_rows, build_multi_adapter, generate_rows, read_adapter
-from skills import Router, adapter_dirs, load_base, load_router, route
+from skills import adapter_dirs, load_base, load_router
 from training import NON_NEGATIVE, POSITIVE, InputError, Runtime, check_args, run_command, setup_runtime
 
 log = logging.getLogger("uvicorn.error")  # uvicorn's own logger: the server's lines and ours in one format and level
@@ -96,10 +95,16 @@ class Args:
     """address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface)"""
     port: int = 8000
     """port to listen on (0: any free port)"""
+    batching: Literal["continuous", "static"] = "continuous"
+    """'continuous': a request joins the running batch at the next decode step, and leaves it as soon as it ends
+    (Orca's iteration-level scheduling); 'static': a batch is decoded until its last request ends before the next
+    one starts"""
     max_batch: int = 16
     """most requests decoded together in one mixed batch"""
     batch_window_ms: float = 5.0
-    """how long the batcher waits for more requests after the first one"""
+    """how long an idle server waits for more requests after the first one (to prefill them together)"""
+    max_queue: int = 256
+    """most prompts waiting for a row of the batch; beyond, a request is refused with 503 and Retry-After"""
     max_body_bytes: int = 1 << 20
     """the largest request body accepted (larger: 413)"""
     read_timeout_s: float = 10.0
@@ -132,18 +137,20 @@ def check_mixed_batch(multi: GPT, names: list[str], merged: dict, requests: list
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The scheduler: jobs in, mixed batches decoded on one worker thread, text pieces out
+# The service: requests checked and turned into jobs for the scheduler (batching.py)
 
 
 class RequestError(Exception):
     """A bad request: answered with HTTP `status` and OpenAI's error body; the server keeps serving."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
         super().__init__(message)
-        self.status, self.param, self.code = status, param, code
+        self.status, self.param, self.code, self.headers = status, param, code, headers
 
     def response(self) -> JSONResponse:
-        return error_response(self.status, str(self), self.param, self.code)
+        kind = "server_error" if self.status >= 500 else "invalid_request_error"
+        return error_response(self.status, str(self), self.param, self.code, kind, self.headers)
 
 
 def error_response(status: int, message: str, param=None, code=None, kind="invalid_request_error",
@@ -151,37 +158,9 @@ def error_response(status: int, message: str, param=None, code=None, kind="inval
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status, headers)
 
 
-@dataclass
-class Job:
-    """One prompt, decoded as one row of a mixed batch. The worker thread reports through emit(kind, value):
-    ("adapter", name) once the router has chosen, ("text", piece) as text is ready, then ("done", "stop" or
-    "length") or ("error", message)."""
-    ids: list[int]
-    adapter: str  # an adapter's name, 'base', or 'auto' until the router picks
-    max_tokens: int
-    temperature: float
-    top_p: float
-    stop: list[str]
-    generator: torch.Generator
-    emit: Callable[[str, object], None]
-    text: str = ""  # the text reported so far
-    tokens: int = 0  # the tokens generated so far
-    cancelled: bool = False  # set when nobody waits for the answer any more (a closed stream)
-
-
-class CompletionService:
-    """Turns prompts into jobs (checking the model name and the context), then decodes them on one worker thread in
-    mixed batches: jobs that arrive within `window_ms` of each other share one forward per step, whatever adapters
-    they use. `batches` keeps the adapters of the last 100 batches."""
-
-    def __init__(self, model: GPT, names: list[str], tokenizer, router: Router | None, rt: Runtime,
-                 max_batch: int = 16, window_ms: float = 5.0):
-        self.model, self.names, self.tokenizer, self.router, self.rt = model, names, tokenizer, router, rt
-        self.max_batch, self.window = max_batch, window_ms / 1000
-        self.batches: deque[list[str]] = deque(maxlen=100)
-        self.queue: queue.Queue = queue.Queue()
-        self.worker = threading.Thread(target=self._work, daemon=True)
-        self.worker.start()
+class CompletionService(Scheduler):
+    """Turns prompts into jobs (checking the model name and the context) for the scheduler, which decodes them on
+    one worker thread in mixed batches, continuous or static (batching.Scheduler)."""
 
     def models(self) -> list[str]:
         return ["base", *self.names] + (["auto"] if self.router is not None else [])
@@ -212,80 +191,12 @@ class CompletionService:
         return jobs
 
     def submit(self, jobs: list[Job]):
-        for j in jobs:
-            self.queue.put(j)
-
-    def close(self):
-        self.queue.put(None)
-        self.worker.join(timeout=10)
-
-    def _work(self):
-        while True:
-            job = self.queue.get()
-            if job is None:
-                return
-            batch, deadline = [job], time.perf_counter() + self.window
-            while len(batch) < self.max_batch:
-                try:
-                    nxt = self.queue.get(timeout=max(0.0, deadline - time.perf_counter()))
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self.queue.put(None)  # stop after this batch
-                    break
-                batch.append(nxt)
-            try:
-                self._run(batch)
-            except Exception as e:  # noqa: BLE001 - a failed batch answers its requests with an error, never hangs them
-                traceback.print_exc()
-                for j in batch:
-                    j.emit("error", f"{type(e).__name__}: {e}")
-
-    def _sample(self, batch: list[Job]):
-        def sample(logits):  # (B, vocab) -> (B,), each row with its own request's settings and generator
-            return torch.cat([gpt.sample_next_token(logits[i:i + 1], j.temperature, None, j.top_p, j.generator)
-                              for i, j in enumerate(batch)])
-        return sample
-
-    @torch.no_grad()
-    def _run(self, batch: list[Job]):
-        auto = [j for j in batch if j.adapter == "auto"]
-        if auto:
-            chosen = route(self.model, self.router, [self.tokenizer.decode(j.ids) for j in auto], self.tokenizer,
-                           self.rt.device)
-            for j, name in zip(auto, chosen, strict=True):
-                j.adapter = name
-                j.emit("adapter", name)
-        self.batches.append([j.adapter for j in batch])
-        idx, mask = left_pad([j.ids for j in batch], device=self.rt.device)
-        rows = torch.tensor([0 if j.adapter == "base" else self.names.index(j.adapter) + 1 for j in batch],
-                            device=self.rt.device)
-        hold = [max((len(s) for s in j.stop), default=1) - 1 for j in batch]  # text held back: a stop may begin there
-        eot = self.tokenizer.eot_token  # the end of a text (None: the tokenizer has none)
-        done, out = [False] * len(batch), [[] for _ in batch]
-        with adapter_rows(self.model, rows), self.rt.autocast():
-            steps = self.model.stream(idx, max(j.max_tokens for j in batch), attention_mask=mask,
-                                      sample=self._sample(batch))
-            for tok in steps:  # (B,): one new token per row, all rows in one forward
-                for i, j in enumerate(batch):
-                    if done[i]:
-                        continue
-                    j.tokens += 1
-                    ended = eot is not None and int(tok[i]) == eot
-                    out[i] += [] if ended else [int(tok[i])]
-                    full = self.tokenizer.decode(out[i])
-                    cut = min((full.find(s) for s in j.stop if s in full), default=-1)
-                    if ended or cut >= 0 or j.tokens >= j.max_tokens or j.cancelled:
-                        final = full[:cut] if cut >= 0 else full
-                        if final[len(j.text):]:
-                            j.emit("text", final[len(j.text):])
-                        j.emit("done", "stop" if ended or cut >= 0 else "length")
-                        done[i] = True
-                    elif len(full) - hold[i] > len(j.text) and not full.endswith("\ufffd"):
-                        j.emit("text", full[len(j.text):len(full) - hold[i]])
-                        j.text = full[:len(full) - hold[i]]
-                if all(done):
-                    break
+        """Queue the jobs; a full queue is a 503 that asks the client to retry in a second."""
+        try:
+            super().submit(jobs)
+        except QueueFull as e:
+            raise RequestError(503, f"the server is busy: {e}; retry later", code="server_busy",
+                               headers={"Retry-After": "1"}) from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -649,7 +560,8 @@ def load_service(args: Args, rt: Runtime) -> CompletionService:
         raise InputError(f"{router_dir}: the router reads {router.head.in_features} features, the base's hidden "
                          f"states have {base.config.n_embd}")
     multi, names = build_multi_adapter(base, adapters, qlora=qlora.pop())
-    return CompletionService(multi, names, tokenizer, router, rt, args.max_batch, args.batch_window_ms)
+    return CompletionService(multi, names, tokenizer, router, rt, args.max_batch, args.batch_window_ms,
+                             args.max_queue, args.batching)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -677,7 +589,8 @@ def server_config(service: CompletionService, args: Args, **options) -> uvicorn.
 
 def main(args: Args):
     """Load the deployment and serve it until interrupted."""
-    check_args(args, {"max_batch": POSITIVE, "batch_window_ms": NON_NEGATIVE, "max_body_bytes": POSITIVE,
+    check_args(args, {"max_batch": POSITIVE, "batch_window_ms": NON_NEGATIVE, "max_queue": POSITIVE,
+                      "max_body_bytes": POSITIVE,
                       "read_timeout_s": POSITIVE, "port": (lambda v: 0 <= v <= 65535, "0 to 65535 (0: any free port)")})
     sock = listen(args.host, args.port)  # first: a port in use fails in one line, before the model loads
     try:

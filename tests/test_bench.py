@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-@pytest.mark.parametrize("script", ["bench_minigpt.py", "bench_minibert.py", "bench_lora.py"])
+@pytest.mark.parametrize("script", ["bench_minigpt.py", "bench_minibert.py", "bench_lora.py", "bench_serve.py"])
 def test_each_benchmark_starts(script):
     run = subprocess.run([sys.executable, f"bench/{script}", "--help"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
