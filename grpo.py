@@ -544,10 +544,11 @@ def main(args: Args) -> dict:
         logger.log(metrics, step + 1)
 
         if (step + 1) % args.eval_interval == 0 or step + 1 == args.max_iters:
-            ev = evaluate(policy, tokenizer, test[:args.eval_subset], rt, args.max_new_tokens)
-            show(ev["answers"], test)
-            history["eval"][step + 1] = {k: v for k, v in ev.items() if isinstance(v, float)}
-            logger.log({f"eval/{k}": v for k, v in history["eval"][step + 1].items() if "/" not in k}, step + 1)
+            if step + 1 < args.max_iters:  # the last step's is the full evaluation below
+                ev = evaluate(policy, tokenizer, test[:args.eval_subset], rt, args.max_new_tokens)
+                show(ev["answers"], test)
+                history["eval"][step + 1] = {k: v for k, v in ev.items() if isinstance(v, float)}
+                logger.log({f"eval/{k}": v for k, v in history["eval"][step + 1].items() if "/" not in k}, step + 1)
             meta |= {"before": before, "history": history}
             save_policy(run_dir, policy, optimizer, step + 1, meta, lora=True)  # adapter/ and the merged model
             t0 = time.perf_counter()  # evaluation time is not training time
@@ -556,6 +557,8 @@ def main(args: Args) -> dict:
     tqdm.write(f"evaluating the trained policy on {len(test)} held-out problems ...")
     after = full_evaluation(policy, tokenizer, test, args, rt)
     show(after["answers"], test)
+    history["eval"][args.max_iters] = {"pass@1": float(np.mean([check(a, p["answer"]) for a, p in zip(
+        after["answers"][:args.eval_subset], test, strict=False)]))}  # on the subset, as every point of the curve
     solved = [[float(check(a, p["answer"])) for a, p in zip(r["answers"], test, strict=True)] for r in (before, after)]
     gain, gain_sem = paired_gain(solved[1], solved[0])
     results = {"before": {k: v for k, v in before.items() if k != "answers"},
@@ -596,7 +599,7 @@ def plot(args: PlotArgs) -> Path:
 
     if not args.runs:
         raise InputError("plot: give the run directories to compare (e.g. runs/grpo runs/dr_grpo runs/rloo)")
-    fig, (ax_acc, ax_len) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_acc, ax_train, ax_len) = plt.subplots(1, 3, figsize=(15, 4))
     for run in map(Path, args.runs):
         path = run / "metrics.json" if (run / "metrics.json").exists() else run / "latest" / "run.json"
         if not path.exists():
@@ -605,15 +608,21 @@ def plot(args: PlotArgs) -> Path:
         history, a = saved["history"], saved["args"]
         samples = a["prompts_per_step"] * a["group_size"]
         ev = sorted((int(s), v["pass@1"]) for s, v in history["eval"].items())
-        tr = sorted((int(s), v["train/length"]) for s, v in history["train"].items())
-        label = f"{run.name} ({a['algorithm']})"
-        ax_acc.plot([s * samples for s, _ in ev], [v for _, v in ev], marker="o", label=label)
-        ax_len.plot([s * samples for s, _ in tr], [v for _, v in tr], label=label)
-    ax_acc.set(xlabel="samples drawn", ylabel="held-out pass@1 (greedy)", title="accuracy")
+        tr = sorted((int(s), v) for s, v in history["train"].items())
+        agg = DEFAULT_AGG[a["algorithm"]] if a["loss_agg"] == "auto" else a["loss_agg"]
+        label = f"{run.name} ({a['algorithm']}, {agg} loss)"
+        line = ax_acc.plot([s * samples for s, _ in ev], [v for _, v in ev], marker="o", label=label)[0]
+        ax_train.plot([s * samples for s, _ in tr], [v["train/accuracy"] for _, v in tr], color=line.get_color(),
+                      label=label)
+        ax_len.plot([s * samples for s, _ in tr], [v["train/length"] for _, v in tr], color=line.get_color(),
+                    label=label)
+    ax_acc.set(xlabel="samples drawn", ylabel="held-out pass@1 (greedy)", title="held-out accuracy")
+    ax_train.set(xlabel="samples drawn", ylabel="right answers among the batch's samples",
+                 title="training accuracy (sampled)")
     ax_len.set(xlabel="samples drawn", ylabel="mean response length (tokens)", title="length of training samples")
-    for ax in (ax_acc, ax_len):
+    for ax in (ax_acc, ax_train, ax_len):
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.tight_layout()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
