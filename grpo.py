@@ -76,7 +76,7 @@ from training import (
     sync,
     train_step,
 )
-from verifiable_task import KINDS, check, extract_answer, last_number, make_problems, render, reward
+from verifiable_task import KINDS, check, extract_answer, last_number, make_problems, pass_at_k, render, reward
 
 
 @dataclass
@@ -295,14 +295,6 @@ def token_logps(model, idx, targets, temperature: float = 1.0):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation: pass@1 and pass@k on held-out problems, and perplexity (forgetting)
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """The unbiased estimate of pass@k from n samples of which c are right: 1 - C(n-c, k) / C(n, k) (Chen et al.
-    2021, "Evaluating Large Language Models Trained on Code", eq. 1)."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 def _mean_sem(values) -> tuple[float, float]:

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from training import InputError
+from verifiable_task import pass_at_k  # noqa: F401 - pass@k of the code skill, the estimator grpo.py uses
 
 SKILLS = ("summarization", "qa", "code")
 SPLITS = ("train", "test")
@@ -667,15 +668,6 @@ def check_code(response: str, example: dict, timeout_s: float = 5, memory_mb: in
     """Run the function of a response with the example's hidden tests in the sandbox: {"passed", "reason"}."""
     program = extract_code(response, example["entry_point"]) + "\n\n\n" + "\n".join(example["tests"]) + "\n"
     return run_sandboxed(program, timeout_s, memory_mb)
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """The unbiased estimate of pass@k from n samples of which c pass (Chen et al. 2021, "Evaluating Large Language
-    Models Trained on Code", equation 1): 1 - C(n - c, k) / C(n, k), the chance that k of the n samples drawn without
-    replacement hold at least one that passes. pass@1 is c / n."""
-    if not 0 <= c <= n or not 1 <= k <= n:
-        raise InputError(f"pass_at_k: need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 # ----------------------------------------------------------------------------------------------------------------

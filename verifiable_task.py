@@ -24,6 +24,7 @@ response), reported beside the strict one so that a gain in format is told apart
 Run `python verifiable_task.py` to print examples of every kind and split.
 """
 
+import math
 import random
 import re
 
@@ -247,6 +248,15 @@ def reward(response: str, answer: int, format_reward: float = 0.0) -> float:
     the format alone, 0 by default); 0 for no stated answer."""
     value = extract_answer(response)
     return 1.0 if value == answer else format_reward if value is not None else 0.0
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimate of pass@k from n samples of which c pass (Chen et al. 2021, "Evaluating Large Language
+    Models Trained on Code", equation 1): 1 - C(n - c, k) / C(n, k), the chance that k of the n samples drawn without
+    replacement hold at least one that passes. pass@1 is c / n."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise InputError(f"pass_at_k: need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 if __name__ == "__main__":
