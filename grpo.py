@@ -174,7 +174,9 @@ def group_advantages(rewards: torch.Tensor, algorithm: str = "grpo", eps: float 
       grpo     (r_i - mean_j r_j) / (std_j r_j + eps), std the unbiased sample standard deviation (as TRL);
       dr_grpo  r_i - mean_j r_j;
       rloo     r_i - 1/(G-1) sum_{j != i} r_j = G/(G-1) (r_i - mean_j r_j).
-    A group whose rewards are all equal gets zero advantages in each: it carries no signal."""
+    So rloo is dr_grpo times a constant, and under Adam (invariant to a constant scale of the gradient, up to its
+    epsilon) with the same loss aggregation the two train alike (docs/grpo.md measures it). A group whose rewards
+    are all equal gets zero advantages in each: it carries no signal."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm {algorithm!r}: expected one of {ALGORITHMS}")
     G = rewards.size(1)
