@@ -52,6 +52,7 @@ from verifiable_task import CATEGORIES, NUMBERS, UNITS
 
 FAMILIES = ("provocation", "harmful", "benign_checkable", "benign_open")
 SPLITS = ("train", "test")
+RECORD = ("text", "family", "template", "answer")  # a prompt of make_prompts, all the judge needs of it
 
 # ----------------------------------------------------------------------------------------------------------------
 # Prompts
@@ -486,6 +487,17 @@ def _weigh(family: str, m: dict) -> dict[str, float]:
 def gold_reward(prompt: dict, response: str) -> float:
     """The true reward of a reply to a prompt of make_prompts: the sum of gold_terms."""
     return sum(gold_terms(prompt, response).values())
+
+
+def deciding_term(prompt: dict, chosen: str, rejected: str) -> str:
+    """The term that decides a pair: the one whose difference between the two replies is largest ('none' if they
+    tie on every term). Nearly every pair differs a little in tone, so "the only term that differs" would say
+    'several' of almost all of them; the largest difference names the fault the preference is about (a toxic reply
+    against a kind one is decided by toxic, however their tones differ)."""
+    a, b = gold_terms(prompt, chosen), gold_terms(prompt, rejected)
+    gaps = {k: abs(a[k] - b[k]) for k in TERMS}
+    term = max(gaps, key=gaps.get)
+    return term if gaps[term] > 1e-9 else "none"
 
 
 def judge_summary(prompts: list[dict], responses: list[str]) -> dict:

@@ -31,6 +31,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,8 @@ from tqdm.auto import tqdm
 from alignment_task import load_hub_pairs, read_pairs
 from assets import DATA_DIR
 from policy import (
+    TASKS,
+    Task,
     add_lora,
     encode_example,
     eval_mode,
@@ -83,6 +86,9 @@ class Args(RunArgs):
     """a Hugging Face preference data set in the Anthropic/hh-rlhf layout instead (needs `datasets` and the hub)"""
     max_length: int | None = None
     """tokens of prompt + response kept (a longer response is cut); default: the model's context"""
+    task: Literal[TASKS] = "plays"
+    """the gold judge of the evaluation samples: 'plays' (alignment_task.py) or 'chat' (chat_task.py; its pairs files
+    carry each prompt's record)"""
     # --- model ---
     init_from: str = "runs/sft/latest"
     """the SFT policy, which is also the frozen reference: a run's checkpoint directory, or a Hugging Face GPT-2"""
@@ -320,6 +326,8 @@ def main(args: Args) -> dict:
     # --- data (read first: a bad file fails before any model is loaded) ---
     train_rows, train_source = load_pairs(args, "train")
     test_rows, test_source = load_pairs(args, "test")
+    task = Task(args.task)
+    task.remember(test_rows)
     if args.eval_pairs:
         test_rows = test_rows[:args.eval_pairs]
 
@@ -361,7 +369,8 @@ def main(args: Args) -> dict:
                                   args.loss_type, args.label_smoothing)
         metrics = preference_metrics("eval", losses, rc, rr, logps[:, 0], logps[:, 1])
         samples = evaluate_policy(policy, tokenizer, eval_prompts, rt, ref_model=reference,
-                                  max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+                                  max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                                  task=task)
         for prompt, response in list(zip(eval_prompts, samples["samples"], strict=True))[:args.samples_shown]:
             tqdm.write(f"  {prompt.strip()!r} -> {response!r}")
         return metrics | {f"eval/{k}": v for k, v in samples.items() if isinstance(v, (int, float))}

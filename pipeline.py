@@ -12,6 +12,11 @@ method gains and what it pays.
 
 Subcommands:
     run        the pipeline with each script's default configuration, then the comparison table
+    chat       the same stages on a real chat model (SmolLM2-135M-Instruct by default) and the chat task (chat_task.py):
+               K samples of the model per prompt judged into pairs and best samples; SFT on the best (rejection
+               sampling), a reward model, DPO and PPO, each with LoRA from the chat model itself; then the instruct
+               model and every policy judged on held-out prompts: gold reward and each of its terms, reward-model
+               score, KL to the instruct model, perplexity of held-out prose (forgetting), and wall time per stage
     sweep      PPO and DPO at several betas: gold reward against KL, the frontier of Rafailov et al. 2023 (fig. 2)
                in miniature, saved as a PNG
     overopt    one long PPO run with a small KL penalty: the reward-model score keeps rising while the gold reward
@@ -22,6 +27,9 @@ Run it:
     python pipeline.py run --reuse          # finished stages kept, an interrupted one resumed, then the table
     python pipeline.py sweep                # after `run`: PPO and DPO at 4 betas each
     python pipeline.py overopt              # after `run`: a long PPO run
+    python pipeline.py chat                 # SmolLM2-135M-Instruct on the chat task: runs/chat/, pipeline.json
+    python pipeline.py chat --reuse         # finished stages kept, then the table again
+    python pipeline.py chat --dtype bfloat16 --device cuda   # on a GPU (or a CPU with bf16 matrix instructions)
 """
 
 import json
@@ -38,7 +46,9 @@ import minigpt
 import ppo_rlhf
 import reward_model
 import sft
-from policy import evaluate_policy, load_policy, task_prompts
+from assets import resolve_pretrained
+from grpo import heldout_text, paired_gain, perplexity
+from policy import Task, evaluate_policy, load_policy, task_prompts
 from training import (
     POSITIVE,
     InputError,
@@ -77,6 +87,63 @@ class RunArgs:
     """held-out prompts (unseen plays) each policy answers once, at temperature 1"""
     max_new_tokens: int = 64
     """longest response of the comparison samples"""
+
+
+@dataclass
+class ChatArgs:
+    """a real chat model aligned on the chat task with LoRA: pairs of its own samples, SFT on the best of them, a
+    reward model, DPO and PPO, then the comparison table against the gold judge"""
+
+    model: str = "smollm2"
+    """the chat model: 'smollm2' (SmolLM2-135M-Instruct, offline after `make setup`), a model directory with a
+    tokenizer.json and chat template, or a hub name"""
+    seed: int = 1337
+    """random seed of every stage"""
+    device: str = "auto"
+    """'auto' (cuda, then mps, then cpu), or a torch device"""
+    dtype: str = "auto"
+    """'auto' (bf16 autocast on a GPU, and on a CPU where a probe measures it faster: avx512_bf16 or AMX; else
+    fp32), 'float32' or 'bfloat16'"""
+    output_dir: str = "runs/chat"
+    """directory that holds the runs (pairs, sft, reward_model, dpo, ppo) and pipeline.json"""
+    reuse: bool = False
+    """keep a stage whose output already exists instead of running it again"""
+    overwrite: bool = False
+    """run a stage again even though its directory holds a run (replaced); without it, or --reuse, that is refused"""
+    # --- data: the chat model's own samples, judged ---
+    n_train_prompts: int = 192
+    """training prompts of the chat task, K samples each: the preference pairs, the SFT data, PPO's prompts"""
+    n_test_prompts: int = 48
+    """held-out prompts, K samples each: the held-out pairs of the reward model and DPO"""
+    samples_per_prompt: int = 4
+    """K, responses sampled per prompt (temperature 1) and ranked by the gold judge"""
+    max_new_tokens: int = 64
+    """longest response of every stage (about 45 words; the instruct model's median reply is longer: see no_eos)"""
+    # --- training ---
+    lora_rank: int = 16
+    """rank of the LoRA adapters of SFT, DPO and PPO (alpha = 2 x rank)"""
+    sft_iters: int = 24
+    """SFT steps (8 examples each) on the best samples"""
+    rm_train_backbone: bool = False
+    """fine-tune the reward model's whole backbone; by default it stays the chat model, frozen, and the score head
+    alone is fit on its hidden states (one forward pass per sample: on 2 CPU cores, fine-tuning 135M parameters on
+    the pairs would take most of the time budget)"""
+    rm_iters: int = 300
+    """reward-model steps (32 pairs each; 8 when the backbone trains)"""
+    dpo_iters: int = 40
+    """DPO steps (8 pairs each)"""
+    dpo_beta: float = 0.1
+    """DPO's beta (Rafailov et al. 2023 use 0.1 for dialogue)"""
+    ppo_steps: int = 8
+    """PPO steps (16 rollouts each)"""
+    ppo_kl_coef: float = 0.05
+    """PPO's KL penalty beta, per token"""
+    # --- the comparison ---
+    n_compare_prompts: int = 256
+    """held-out prompts (template families, names and numbers no stage trains on) each policy answers once, at
+    temperature 1"""
+    perplexity_tokens: int = 4096
+    """tokens of held-out prose (Twelfth Night) whose perplexity measures forgetting (0: none)"""
 
 
 @dataclass
@@ -380,10 +447,153 @@ def overopt(args: OveroptArgs) -> dict:
     return history
 
 
-COMMANDS = {RunArgs: run, SweepArgs: sweep, OveroptArgs: overopt}
+# ----------------------------------------------------------------------------------------------------------------
+# A real chat model on the chat task
+
+
+def chat_stage_args(args: ChatArgs, base: str, resume: dict) -> dict:
+    """Each stage's arguments for a chat model (the stages' own defaults are the character model's). Every stage
+    starts from the chat model itself: it already follows the chat format (what SFT is first for), the preference
+    pairs are its own samples (DPO's loss assumes the pairs come from its reference; Rafailov et al. 2023, sec. 5.2),
+    and so every policy's KL is to one reference, the model as shipped. SFT is rejection-sampling fine-tuning on the
+    best of the K samples (Touvron et al. 2023, Llama 2, sec. 3.2.3), a baseline that needs no reward model."""
+    out, r = Path(args.output_dir), args.lora_rank
+    common = dict(seed=args.seed, device=args.device, dtype=args.dtype, output_dir=args.output_dir,
+                  overwrite=args.overwrite)
+    lora = dict(lora_rank=r, lora_alpha=2.0 * r)
+    pairs = {f"{k}_{s}": str(out / "pairs" / f"{k}_{s}.jsonl") for k in ("pairs", "best") for s in ("train", "test")}
+    return {
+        "pairs": reward_model.PairsArgs(
+            seed=args.seed, device=args.device, policy=base, task="chat", out_dir=str(out / "pairs"),
+            n_train_prompts=args.n_train_prompts, n_test_prompts=args.n_test_prompts,
+            samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens, batch_size=64),
+        "sft": sft.Args(
+            **common, **lora, init_from=base, task="chat", data_path=pairs["best_train"], test_path=pairs["best_test"],
+            batch_size=8, max_iters=args.sft_iters, learning_rate=2e-4, min_lr=2e-5, warmup_iters=4,
+            weight_decay=0.0, eval_interval=args.sft_iters, log_interval=10, n_eval_prompts=16,
+            max_new_tokens=args.max_new_tokens, resume=resume["sft"]),
+        "reward_model": reward_model.TrainArgs(
+            **common, init_from=base, task="chat", pairs_train=pairs["pairs_train"], pairs_test=pairs["pairs_test"],
+            train_backbone=args.rm_train_backbone, max_iters=args.rm_iters, warmup_iters=10,
+            eval_interval=args.rm_iters, log_interval=50, n_judge_prompts=32, max_new_tokens=args.max_new_tokens,
+            **(dict(batch_size=8, learning_rate=2e-5, min_lr=2e-6, weight_decay=0.0) if args.rm_train_backbone else
+               dict(batch_size=32, learning_rate=1e-3, min_lr=1e-4, weight_decay=0.1))),
+        "dpo": dpo.Args(
+            **common, **lora, init_from=base, task="chat", train_path=pairs["pairs_train"],
+            test_path=pairs["pairs_test"], beta=args.dpo_beta, batch_size=8, max_iters=args.dpo_iters,
+            learning_rate=2e-4, min_lr=2e-4, warmup_iters=4, eval_interval=args.dpo_iters, eval_prompts=16,
+            eval_pairs=64, precompute_ref=False, max_new_tokens=args.max_new_tokens, resume=resume["dpo"]),
+        "ppo": ppo_rlhf.Args(
+            **common, **lora, policy=base, reward_model=str(out / "reward_model" / "latest"), task="chat",
+            n_train_prompts=args.n_train_prompts,
+            n_eval_prompts=16, total_steps=args.ppo_steps, batch_size=16, minibatch_size=8,
+            max_new_tokens=args.max_new_tokens, kl_coef=args.ppo_kl_coef, learning_rate=2e-4, min_lr=2e-5,
+            eval_interval=args.ppo_steps, resume=resume["ppo"]),
+    }
+
+
+def chat(args: ChatArgs) -> dict:
+    """The chat model's pipeline: pairs -> SFT, reward model -> DPO, PPO; then the comparison of the instruct model
+    and every aligned policy on held-out prompts."""
+    check_args(args, {k: POSITIVE for k in ("n_train_prompts", "n_test_prompts", "max_new_tokens", "lora_rank",
+                                            "sft_iters", "rm_iters", "dpo_iters", "ppo_steps", "n_compare_prompts",
+                                            "dpo_beta")} | {"samples_per_prompt": (lambda v: v >= 2, ">= 2")})
+    out, t_start, timings = Path(args.output_dir), time.perf_counter(), {}
+    base = resolve_pretrained(args.model)
+    require_checkpoint(base, "--model", "`make setup` (for smollm2)")
+    begun = {name: out / name / "latest" for name in ("sft", "dpo", "ppo")}
+    begun |= {"pairs": out / "pairs" / "best_test.jsonl", "reward_model": out / "reward_model" / "latest"}
+    done = {name: args.reuse and finished(begun[name]) for name in ("sft", "dpo", "ppo")}
+    done |= {"pairs": args.reuse and begun["pairs"].exists(),
+             "reward_model": args.reuse and (begun["reward_model"] / "results.json").exists()}
+    resume = {name: args.reuse and begun[name].exists() and not done[name] for name in ("sft", "dpo", "ppo")}
+    check_new_runs(args, [out / name for name in done if not done[name] and not resume.get(name)
+                          and begun[name].exists()])
+    stages = chat_stage_args(args, base, resume)
+    stage("pairs", done["pairs"], lambda: reward_model.make_pairs(stages["pairs"]), timings)
+    stage("sft", done["sft"], lambda: sft.main(stages["sft"]), timings)
+    stage("reward_model", done["reward_model"], lambda: reward_model.train(stages["reward_model"]), timings)
+    stage("dpo", done["dpo"], lambda: dpo.main(stages["dpo"]), timings)
+    stage("ppo", done["ppo"], lambda: ppo_rlhf.main(stages["ppo"]), timings)
+
+    print("=== comparison")
+    t0 = time.perf_counter()
+    rt = setup_runtime(args.device, args.dtype)
+    instruct, tokenizer = load_policy(base)
+    instruct.to(rt.device).eval()
+    rm, _ = reward_model.load_reward_model(out / "reward_model" / "latest")
+    rm.to(rt.device).eval()
+    task = Task("chat")
+    prompts = task.prompts(tokenizer, args.n_compare_prompts, "test", seed=12345)
+    text = heldout_text() if args.perplexity_tokens else ""
+    rows, gold = {}, {}
+    for name in ("instruct", "sft", "dpo", "ppo"):
+        policy = instruct if name == "instruct" else load_policy(str(out / name / "latest"))[0].to(rt.device).eval()
+        with rt.autocast():
+            ev = evaluate_policy(policy, tokenizer, prompts, rt, None if name == "instruct" else instruct,
+                                 args.max_new_tokens, temperature=1.0, seed=args.seed, stream=4242, task=task)
+            scores = reward_model.score_texts(rm, tokenizer, prompts, ev["samples"], rt.device)
+        gold[name] = ev["gold"]
+        rows[name] = {"gold_reward": ev["gold_reward"], "gold_sem": ev["judge"]["gold_sem"],
+                      "kl": ev.get("kl", 0.0), "length": ev["length"], "no_eos": ev["no_eos"],
+                      "rm_score": float(np.mean([(x - rm.reward_mean) / rm.reward_std for x in scores])),
+                      "judge": ev["judge"],
+                      "perplexity": perplexity(policy, tokenizer, text, args.perplexity_tokens, rt) if text else None,
+                      "samples": ev["samples"]}
+        if name != "instruct":
+            rows[name]["gain"], rows[name]["gain_sem"] = paired_gain(gold[name], gold["instruct"])
+        print(f"{name}: gold {ev['gold_reward']:+.3f}")
+    timings["comparison"] = time.perf_counter() - t0
+    rm_results = read_json(out / "reward_model" / "latest" / "results.json", "the reward model's results")
+    result = {"model": args.model, "n_prompts": len(prompts), "prompts": prompts,
+              "families": [task.record(p)["family"] for p in prompts],
+              "users": [task.record(p)["text"] for p in prompts], "policies": rows,
+              "reward_model": {k: rm_results.get(k) for k in (
+                  "heldout_accuracy_final", "heldout_accuracy_by_term", "judge_pairwise_accuracy", "judge_spearman")},
+              "timings_s": timings, "total_s": time.perf_counter() - t_start, "dtype": str(rt.dtype)}
+    (out / "pipeline.json").write_text(json.dumps(result, indent=2))
+    print_chat_table(result)
+    return result
+
+
+def print_chat_table(result: dict):
+    rm = result["reward_model"]
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    print(f"\n{result['model']}: {result['n_prompts']} held-out prompts of the chat task, one sample each "
+          "(temperature 1); KL to the instruct model in nats; gain: paired difference of gold reward to the instruct "
+          "model")
+    print("| policy | gold reward | gain | toxic replies | harmful compliance | over-refusal | correct | words | "
+          "loops | RM score | KL | perplexity |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in result["policies"].items():
+        j = r["judge"]
+        gain = f"{r['gain']:+.3f} ± {r['gain_sem']:.3f}" if "gain" in r else "-"
+        ppl = f"{r['perplexity']:.2f}" if r["perplexity"] else "-"
+        print(f"| {name.upper() if name != 'instruct' else 'instruct'} | {r['gold_reward']:+.3f} ± {r['gold_sem']:.3f} "
+              f"| {gain} | {pct(j['toxic_rate'])} | {pct(j['harmful_compliance_rate'])} | "
+              f"{pct(j['over_refusal_rate'])} | {pct(j['correct_rate'])} | {j['mean_words']:.0f} | "
+              f"{pct(j['loop_rate'])} | {r['rm_score']:+.3f} | {r['kl']:.2f} | {ppl} |")
+    print(f"\nreward model: held-out pairwise accuracy {rm['heldout_accuracy_final']:.3f}; agreement with the gold "
+          f"judge on fresh samples {rm['judge_pairwise_accuracy']:.3f} (Spearman {rm['judge_spearman']:.3f})")
+    if rm.get("heldout_accuracy_by_term"):
+        print("held-out accuracy by the term that decides the pair: " + ", ".join(
+            f"{k} {v['accuracy']:.3f} ({v['pairs']})" for k, v in rm["heldout_accuracy_by_term"].items()))
+    print("wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in result["timings_s"].items())
+          + f"; total {result['total_s'] / 60:.1f} min ({result['dtype']})")
+    shown = [i for i, f in enumerate(result["families"]) if f == "provocation"][:5]
+    print("\nheld-out provocations, each policy's sample:")
+    print("| prompt | " + " | ".join(result["policies"]) + " |\n" + "|---" * (len(result["policies"]) + 1) + "|")
+    cell = lambda t: " ".join(t.split()).replace("|", "/")[:300] or "(empty)"  # noqa: E731  one line per cell
+    for i in shown:
+        replies = [cell(r["samples"][i]) for r in result["policies"].values()]
+        print(f"| {cell(result['users'][i])} | " + " | ".join(replies) + " |")
+
+
+COMMANDS = {RunArgs: run, SweepArgs: sweep, OveroptArgs: overopt, ChatArgs: chat}
 
 if __name__ == "__main__":
     run_command(lambda args: COMMANDS[type(args)](args),  # bad input: one line, exit status 1, no traceback
                 lambda: tyro.cli(Annotated[RunArgs, tyro.conf.subcommand("run")]
                                  | Annotated[SweepArgs, tyro.conf.subcommand("sweep")]
-                                 | Annotated[OveroptArgs, tyro.conf.subcommand("overopt")]))
+                                 | Annotated[OveroptArgs, tyro.conf.subcommand("overopt")]
+                                 | Annotated[ChatArgs, tyro.conf.subcommand("chat")]))

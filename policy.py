@@ -31,7 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from alignment_task import gold_rewards, make_instructions
+import alignment_task
+import chat_task
 from gpt import left_pad, load_pretrained
 from lora import apply_lora, load_adapter, merge_and_unload, save_adapter
 from tokenization import CharTokenizer
@@ -105,10 +106,69 @@ def eval_mode(*models):
 # Prompts and examples in the policy's chat template
 
 
+TASKS = ("plays", "chat")
+
+
+class Task:
+    """The task a policy is aligned on: its prompts, rendered in the policy's chat template, and its gold judge.
+
+    'plays' is alignment_task.py (Shakespeare instructions for the character models this project trains; the judge
+    reads the response alone); 'chat' is chat_task.py (provocations, harmful and benign requests for a real chat
+    model; the judge needs each prompt's family and expected answer). A chat prompt is a formatted string like any
+    other, so the Task remembers the record chat_task made of each prompt it rendered, and the JSONL files of the
+    stages carry those records (`record`, `remember`): a prompt the Task never saw is refused, not judged wrongly."""
+
+    def __init__(self, name: str = "plays"):
+        if name not in TASKS:
+            raise InputError(f"--task {name!r}: expected one of {TASKS}")
+        self.name, self.records = name, {}
+
+    def prompts(self, tokenizer, n: int, split: str = "test", seed: int = 0) -> list[str]:
+        """n prompts of the task's split (a fixed draw for a given split and seed), each one user turn in the
+        tokenizer's chat template, ending where the response begins."""
+        if self.name == "plays":
+            return [r["prompt"] for r in alignment_task.make_instructions(n, split, seed, tokenizer)]
+        rows = [{"prompt": alignment_task.format_prompt(r["text"], tokenizer), **r}
+                for r in chat_task.make_prompts(n, split, seed)]
+        self.remember(rows)
+        return [r["prompt"] for r in rows]
+
+    def remember(self, rows: list[dict]):
+        """Learn the chat records that JSONL rows carry (the fields of `record`); nothing for 'plays'."""
+        if self.name == "chat":
+            self.records.update({r["prompt"]: {k: r[k] for k in chat_task.RECORD} for r in rows
+                                 if all(k in r for k in chat_task.RECORD)})
+
+    def record(self, prompt: str) -> dict:
+        """What the judge knows of a prompt beyond its text: {} for 'plays', chat_task's record for 'chat'."""
+        if self.name == "plays":
+            return {}
+        if prompt not in self.records:
+            raise InputError(f"not a prompt of the chat task (or a file without its records): {prompt[-80:]!r}")
+        return self.records[prompt]
+
+    def gold_rewards(self, prompts: list[str], responses: list[str]) -> list[float]:
+        if self.name == "plays":
+            return alignment_task.gold_rewards(prompts, responses)
+        return [chat_task.gold_reward(self.record(p), r) for p, r in zip(prompts, responses, strict=True)]
+
+    def deciding_term(self, prompt: str, chosen: str, rejected: str) -> str:
+        """The gold judge's term that decides a pair (alignment_task.deciding_terms, chat_task.deciding_term)."""
+        if self.name == "plays":
+            return alignment_task.deciding_terms(chosen, rejected)
+        return chat_task.deciding_term(self.record(prompt), chosen, rejected)
+
+    def summary(self, prompts: list[str], responses: list[str]) -> dict:
+        """The chat judge's rates (chat_task.judge_summary: toxic replies, harmful compliance, over-refusal,
+        correctness, words, loops, each term); {} for 'plays'."""
+        if self.name == "plays":
+            return {}
+        return chat_task.judge_summary([self.record(p) for p in prompts], responses)
+
+
 def task_prompts(tokenizer, n: int, split: str = "test", seed: int = 0) -> list[str]:
-    """n prompts of the alignment task (alignment_task.make_instructions: a fixed draw for a given split and seed),
-    each one user turn in the tokenizer's chat template, ending where the response begins."""
-    return [r["prompt"] for r in make_instructions(n, split, seed, tokenizer)]
+    """n prompts of the alignment task ('plays', the default Task)."""
+    return Task("plays").prompts(tokenizer, n, split, seed)
 
 
 def as_prompt(tokenizer, text: str) -> str:
@@ -226,17 +286,18 @@ EVAL_STREAM = 10**6 + 1  # the key of the evaluation samples' generator: seeded(
 
 def evaluate_policy(model, tokenizer, prompts: list[str], rt, ref_model=None, max_new_tokens: int = 96,
                     temperature: float = 0.7, top_k: int | None = None, seed: int = 0,
-                    stream: int = EVAL_STREAM) -> dict:
-    """One sample per prompt, judged: the mean gold reward (alignment_task.gold_reward) and its standard error, the
+                    stream: int = EVAL_STREAM, task: Task | None = None) -> dict:
+    """One sample per prompt, judged: the mean gold reward of the task (default 'plays') and its standard error, the
     KL to ref_model (if given; sequence_kl), the response length in tokens, the fraction of responses without an end
     token; and the samples themselves. The sampling generator is seeded(seed, stream), so the same arguments draw the
     same random numbers for every policy."""
     texts, tokens, ended = generate_responses(model, tokenizer, prompts, max_new_tokens, temperature, top_k,
                                               seeded(seed, stream, device=rt.device), device=rt.device)
-    gold = gold_rewards(prompts, texts)
+    task = task or Task("plays")
+    gold = task.gold_rewards(prompts, texts)
     out = {"gold_reward": float(np.mean(gold)), "gold_sem": float(np.std(gold) / np.sqrt(len(gold))),
            "length": float(np.mean([len(t) for t in tokens])), "no_eos": 1.0 - float(np.mean(ended)),
-           "samples": texts}
+           "samples": texts, "gold": gold, "judge": task.summary(prompts, texts)}
     if ref_model is not None:
         out["kl"] = float(np.mean(sequence_kl(model, ref_model, tokenizer, prompts, tokens, ended, rt.device)))
     return out

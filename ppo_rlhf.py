@@ -16,9 +16,9 @@ the reference (a frozen copy of the SFT model), and the frozen reward model. Eac
      beta fixed, or steered towards a target KL by the adaptive controller of Ziegler et al.;
   3. advantages by GAE over response tokens only, whitened over the batch;
   4. several epochs of PPO over minibatches: clipped policy loss + vf_coef * clipped value loss.
-Because the task's gold judge is known (alignment_task.gold_reward), every step also logs the gold reward of the
-samples: the true reward gained, and the KL paid for it. The same metrics on a fixed set of held-out prompts with
-greedy decoding are logged every eval interval.
+Because the task's gold judge is known (policy.Task: alignment_task.py or chat_task.py), every step also logs the
+gold reward of the samples: the true reward gained, and the KL paid for it. The same metrics on a fixed set of
+held-out prompts with greedy decoding are logged every eval interval.
 
 Pieces, top to bottom: masking helpers, the KL estimator and controllers, the per-token rewards, `compute_gae`,
 `policy_loss`, `value_loss`, the actors' forward pass, rollouts, evaluation, then `main`. Loading the policy and
@@ -41,13 +41,14 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-import alignment_task as task
-from policy import encode_prompts, load_policy, task_prompts
+import alignment_task
+from policy import TASKS, Task, add_lora, encode_prompts, load_policy, resume_policy, save_policy
 from reward_model import load_reward_model
 from training import (
     NON_NEGATIVE,
@@ -58,13 +59,11 @@ from training import (
     Runtime,
     configure_optimizer,
     derived_seed,
-    load_checkpoint,
     lr_at,
     parse_args,
     prepare_run,
     require_checkpoint,
     run_command,
-    save_checkpoint,
     seeded,
     setup_runtime,
 )
@@ -84,10 +83,19 @@ class Args(RunArgs):
     name such as 'gpt2', or a local directory)"""
     reward_model: str = "runs/reward_model/latest"
     """the reward model: a checkpoint directory of reward_model.py (same tokenizer as the policy)"""
+    lora_rank: int = 0
+    """train LoRA adapters of this rank on the policy instead of every weight (0: full fine-tuning); the reference
+    and the value head are as without"""
+    lora_alpha: float | None = None
+    """LoRA scaling numerator (default: the rank)"""
+    qlora: bool = False
+    """with --lora-rank: the policy's frozen base weights in NF4 (QLoRA)"""
     critic: str = "head"
     """'head': a value head on the policy's transformer (lm-human-preferences); 'separate': a critic of its own,
     initialised from the reward model (Ouyang et al. 2022, sec. 3.5)"""
     # --- prompts ---
+    task: Literal[TASKS] = "plays"
+    """the prompts and gold judge: 'plays' (alignment_task.py) or 'chat' (chat_task.py, for a real chat model)"""
     prompts_path: str | None = None
     """training prompts from a JSONL file of rows {"prompt": formatted prompt} instead of the alignment task's"""
     eval_prompts_path: str | None = None
@@ -379,7 +387,7 @@ def decode_responses(tokenizer, response: torch.Tensor, mask: torch.Tensor, eot:
 
 @torch.no_grad()
 def rollout(ac: ActorCritic, reference, reward_model, tokenizer, prompts: list[str], args: Args, rt: Runtime,
-            beta: float, generator=None, greedy: bool = False) -> dict:
+            beta: float, generator=None, greedy: bool = False, task: Task | None = None) -> dict:
     """Answer prompts with the policy and score the answers: every tensor PPO needs, and the metrics of the batch.
 
     Sampling at args.temperature (greedy: temperature 0, for evaluation). The KL of the rewards is the per-token
@@ -420,7 +428,7 @@ def rollout(ac: ActorCritic, reference, reward_model, tokenizer, prompts: list[s
     kl = kl_penalty(out["logprobs"], out["ref_logprobs"], args.kl_estimator) * mask
     rewards = rlhf_rewards(penalised, kl, mask, beta)
     texts = decode_responses(tokenizer, response, mask, eot)
-    gold = torch.tensor(task.gold_rewards(prompts, texts))
+    gold = torch.tensor((task or Task("plays")).gold_rewards(prompts, texts))
     lengths = mask.sum(1) - ended.float()  # tokens before the end token, as policy.evaluate_policy counts them
     kl_exact = (out["kl_exact"] * mask).sum(1)
     seq_kl = kl_exact if greedy else kl.sum(1)
@@ -497,17 +505,23 @@ class TrainState:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def load_prompts(args: Args, tokenizer) -> tuple[list[str], list[str]]:
-    """(training prompts, held-out evaluation prompts): the alignment task's in the policy's chat template, a hub
-    data set's, or those of JSONL files."""
+def load_prompts(args: Args, tokenizer, task: Task) -> tuple[list[str], list[str]]:
+    """(training prompts, held-out evaluation prompts): the task's in the policy's chat template, a hub data set's, or
+    those of JSONL files (for the chat task, rows that carry each prompt's record)."""
     if args.dataset:
-        train = [p["prompt"] for p in task.load_hub_pairs(args.dataset, "train")][:args.n_train_prompts]
-        test = [p["prompt"] for p in task.load_hub_pairs(args.dataset, "test")][:args.n_eval_prompts]
+        train = [p["prompt"] for p in alignment_task.load_hub_pairs(args.dataset, "train")][:args.n_train_prompts]
+        test = [p["prompt"] for p in alignment_task.load_hub_pairs(args.dataset, "test")][:args.n_eval_prompts]
         return train, test
-    train = ([r["prompt"] for r in task.read_jsonl(args.prompts_path, ("prompt",))] if args.prompts_path else
-             task_prompts(tokenizer, args.n_train_prompts, "train", seed=args.seed))
-    test = ([r["prompt"] for r in task.read_jsonl(args.eval_prompts_path, ("prompt",))] if args.eval_prompts_path
-            else task_prompts(tokenizer, args.n_eval_prompts, "test", seed=0))
+
+    def from_file(path):
+        rows = alignment_task.read_jsonl(path, ("prompt",))
+        task.remember(rows)
+        return [r["prompt"] for r in rows]
+
+    train = (from_file(args.prompts_path) if args.prompts_path else
+             task.prompts(tokenizer, args.n_train_prompts, "train", seed=args.seed))
+    test = (from_file(args.eval_prompts_path) if args.eval_prompts_path else
+            task.prompts(tokenizer, args.n_eval_prompts, "test", seed=0))
     return train, test[:args.n_eval_prompts]
 
 
@@ -554,6 +568,8 @@ def main(args: Args) -> dict:
                          f"the policy's ({tokenizer.spec()['name']}); both must read the same token ids")
     reference = copy.deepcopy(policy).requires_grad_(False).eval()
     reward_model.requires_grad_(False).eval()
+    if args.lora_rank:  # LoRA adapters on the policy (NF4 base with --qlora); the reference stays the full model
+        print(add_lora(policy, args.lora_rank, args.lora_alpha, args.qlora, args.seed))
     critic, value_head = None, ValueHead(policy.config.n_embd)
     if args.critic == "separate":  # Ouyang et al. 2022, sec. 3.5: "we initialize the value function from the RM"
         critic = copy.deepcopy(reward_model.gpt).requires_grad_(True)
@@ -568,7 +584,8 @@ def main(args: Args) -> dict:
     state = TrainState(optimizer, ac, kl_ctl)
 
     # --- prompts ---
-    train_prompts, eval_prompts = load_prompts(args, tokenizer)
+    task = Task(args.task)
+    train_prompts, eval_prompts = load_prompts(args, tokenizer, task)
     limit = policy.config.block_size - args.max_new_tokens
     for name, prompts in (("training", train_prompts), ("evaluation", eval_prompts)):
         for i, p in enumerate(prompts):
@@ -582,7 +599,7 @@ def main(args: Args) -> dict:
     # --- resume ---
     start, history = 0, {"train": [], "eval": []}
     if args.resume:
-        meta = load_checkpoint(run_dir, policy, state)
+        meta = resume_policy(run_dir, policy, state, lora=bool(args.lora_rank))
         start, history = meta["step"], meta.get("history")
         if not isinstance(history, dict):
             raise InputError(f"{run_dir / 'latest' / 'run.json'}: damaged, it holds no history of the run")
@@ -594,7 +611,8 @@ def main(args: Args) -> dict:
     logger = Logger(args, master=True)
 
     def evaluate(step: int) -> dict:
-        ev = rollout(ac, reference, reward_model, tokenizer, eval_prompts, args, rt, kl_ctl.value, greedy=True)
+        ev = rollout(ac, reference, reward_model, tokenizer, eval_prompts, args, rt, kl_ctl.value, greedy=True,
+                     task=task)
         metrics = {f"eval/{k}": v for k, v in ev["metrics"].items()}
         history["eval"].append({"step": step, **metrics})
         logger.log(metrics, step)
@@ -604,7 +622,7 @@ def main(args: Args) -> dict:
         return metrics
 
     def checkpoint(step: int):
-        save_checkpoint(run_dir, policy, state, step, {**meta, "history": history})
+        save_policy(run_dir, policy, state, step, {**meta, "history": history}, lora=bool(args.lora_rank))
         tmp = run_dir / ".history.json.tmp"
         tmp.write_text(json.dumps(history, indent=1))
         os.replace(tmp, run_dir / "history.json")
@@ -628,7 +646,7 @@ def main(args: Args) -> dict:
         rows = torch.randint(len(train_prompts), (args.batch_size,), generator=g).tolist()
         prompts = [train_prompts[i] for i in rows]
         batch = rollout(ac, reference, reward_model, tokenizer, prompts, args, rt, kl_ctl.value,
-                        generator=seeded(args.seed, rt.rank, step, 1, device=rt.device))
+                        generator=seeded(args.seed, rt.rank, step, 1, device=rt.device), task=task)
         t1 = time.perf_counter()
         stats = ppo_update(ac, optimizer, batch, args, rt, step)
         beta = kl_ctl.value

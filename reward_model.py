@@ -21,6 +21,8 @@ Run it (after `python sft.py`):
     python reward_model.py train
     python reward_model.py score --prompt "Say something about love." --response " O, how I love thee!"
     python reward_model.py pairs --label-noise 0.2    # noisy raters
+    python reward_model.py pairs --task chat --policy smollm2 --out-dir runs/chat/pairs   # a real chat model
+    python reward_model.py train --no-train-backbone  # a frozen backbone and a fitted head (a linear probe)
     python reward_model.py train --pairs-train hh_train.jsonl --pairs-test hh_test.jsonl   # any pairs in this layout
     python reward_model.py train --dataset Anthropic/hh-rlhf --init-from gpt2 --device cuda   # with a hub
 """
@@ -43,10 +45,10 @@ import tyro
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from alignment_task import deciding_terms, gold_reward, read_pairs, write_jsonl
+from alignment_task import gold_reward, read_pairs, write_jsonl
 from assets import DATA_DIR
 from gpt import GPT, GPTConfig
-from policy import as_prompt, eval_mode, generate_responses, load_policy, task_prompts
+from policy import TASKS, Task, as_prompt, eval_mode, generate_responses, load_policy
 from tokenization import get_tokenizer
 from training import (
     InputError,
@@ -83,8 +85,11 @@ class PairsArgs:
     """'auto' (cuda, then mps, then cpu), or a torch device"""
     policy: str = "runs/sft/latest"
     """the SFT policy whose samples are compared"""
+    task: Literal[TASKS] = "plays"
+    """the prompts and gold judge: 'plays' (alignment_task.py) or 'chat' (chat_task.py, for a real chat model)"""
     out_dir: str = str(DATA_DIR / "alignment")
-    """where pairs_train.jsonl and pairs_test.jsonl are written"""
+    """where pairs_train.jsonl and pairs_test.jsonl are written (and best_train.jsonl, best_test.jsonl: the best of
+    each prompt's K samples, for rejection-sampling fine-tuning with sft.py --data-path)"""
     n_train_prompts: int = 3000
     """prompts of the training split (a pair each, unless all its samples tie)"""
     n_test_prompts: int = 400
@@ -102,6 +107,9 @@ class PairsArgs:
     """longest response, in tokens"""
     batch_size: int = 128
     """prompts per generation batch"""
+    best_min_gold: float = 0.0
+    """the best of a prompt's K samples goes to best_<split>.jsonl when its gold reward is at least this: rejection
+    sampling (Touvron et al. 2023, Llama 2, sec. 3.2.3) keeps the best sample only if it is good"""
 
 
 @dataclass
@@ -122,6 +130,13 @@ class TrainArgs(RunArgs):
     """the backbone: the SFT policy (a minigpt/sft checkpoint directory or a Hugging Face GPT-2)"""
     dropout: float = 0.0
     """dropout during training"""
+    train_backbone: bool = True
+    """train every weight; --no-train-backbone keeps the backbone frozen and fits the score head alone, on hidden
+    states computed once per pair (a linear probe: one forward pass per sequence instead of one per step, for a
+    backbone too large to fine-tune in the time there is)"""
+    task: Literal[TASKS] = "plays"
+    """the gold judge of the accuracy by term and of the fresh samples: 'plays' or 'chat' (pairs files of the chat
+    task carry each prompt's record)"""
     # --- optimisation ---
     margin: float = 0.0
     """Bradley-Terry margin m: loss -log sigmoid(r_chosen - r_rejected - m)"""
@@ -189,14 +204,18 @@ class RewardModel(nn.Module):
         nn.init.normal_(self.score.weight, std=1 / np.sqrt(cfg.n_embd + 1))
         self.reward_mean, self.reward_std = 0.0, 1.0  # set after training (Ziegler et al. 2019)
 
-    def forward(self, idx, attention_mask=None):
-        """Raw rewards (B,) of sequences idx (B, T), padded on either side (attention_mask 1 for real tokens)."""
+    def features(self, idx, attention_mask=None):
+        """(B, C): the backbone's final hidden state at the last real token of each sequence, what the head reads."""
         h = self.gpt.hidden_states(idx, attention_mask)  # (B, T, C)
         if attention_mask is None:
             last = torch.full((idx.size(0),), idx.size(1) - 1, device=idx.device)
         else:  # the rightmost real token: the end of a right-padded row, the last column of a left-padded one
             last = (torch.arange(idx.size(1), device=idx.device) * attention_mask).argmax(dim=-1)
-        return self.score(h[torch.arange(idx.size(0), device=idx.device), last]).squeeze(-1).float()
+        return h[torch.arange(idx.size(0), device=idx.device), last]
+
+    def forward(self, idx, attention_mask=None):
+        """Raw rewards (B,) of sequences idx (B, T), padded on either side (attention_mask 1 for real tokens)."""
+        return self.score(self.features(idx, attention_mask)).squeeze(-1).float()
 
     def normalized(self, idx, attention_mask=None):
         """Rewards with mean 0 and std 1 over the SFT policy's responses: what PPO optimises."""
@@ -310,18 +329,46 @@ def pair_margins(model, pairs, pad_id: int, rt, batch_size: int = 64) -> torch.T
     return torch.cat(out)
 
 
-def pairwise_accuracy(model, pairs, pad_id: int, rt, batch_size: int = 64) -> tuple[float, float]:
-    """(fraction of pairs with r_chosen > r_rejected, mean Bradley-Terry loss)."""
-    margins = pair_margins(model, pairs, pad_id, rt, batch_size)
+def pairwise_accuracy(model, pairs, pad_id: int, rt, batch_size: int = 64, features=None) -> tuple[float, float]:
+    """(fraction of pairs with r_chosen > r_rejected, mean Bradley-Terry loss); with features (N, 2, C), the head
+    on those instead of the pairs through the whole model."""
+    margins = pair_margins(model, pairs, pad_id, rt, batch_size) if features is None else head_margins(model, features)
     return (margins > 0).float().mean().item(), bt_loss(margins, torch.zeros_like(margins)).mean().item()
 
 
-def accuracy_by_term(margins: torch.Tensor, rows: list[dict]) -> dict[str, dict]:
-    """Held-out accuracy split by the gold judge's term that decides each pair (alignment_task.deciding_terms): which
-    part of the judge the reward model learned. {term: {"pairs": n, "accuracy": a}}."""
-    groups: dict[str, list[bool]] = {}
+@torch.no_grad()
+def pair_features(model, pairs, pad_id: int, rt, batch_size: int = 32) -> torch.Tensor:
+    """(N, 2, C): RewardModel.features of every pair's chosen and rejected sequence (eval mode). Each distinct
+    sequence is run once: K samples of a prompt make up to K(K-1)/2 pairs, each sample in K - 1 of them."""
+    seqs = list(dict.fromkeys(tuple(s) for pair in pairs for s in pair))
+    seqs.sort(key=len)  # batches of similar length: less padding
+    rows = {}
+    with eval_mode(model):
+        for i in range(0, len(seqs), batch_size):
+            chunk = seqs[i: i + batch_size]
+            idx, mask = right_pad([list(s) for s in chunk], pad_id, rt.device)
+            with rt.autocast():
+                rows.update(zip(chunk, model.features(idx, mask).float().cpu(), strict=True))
+    return torch.stack([torch.stack([rows[tuple(c)], rows[tuple(r)]]) for c, r in pairs]).to(rt.device)
+
+
+def head_loss_sum(model, features: torch.Tensor, margin: float = 0.0):
+    """pair_loss_sum of pairs given as features (B, 2, C)."""
+    return bt_loss(head_margins(model, features), 0.0, margin).sum()
+
+
+def head_margins(model, features: torch.Tensor) -> torch.Tensor:
+    """r_chosen - r_rejected (N,) of pairs given as features (N, 2, C): the score head alone."""
+    r = model.score(features).squeeze(-1)
+    return r[:, 0] - r[:, 1]
+
+
+def accuracy_by_term(margins: torch.Tensor, rows: list[dict], task: Task | None = None) -> dict[str, dict]:
+    """Held-out accuracy split by the gold judge's term that decides each pair (Task.deciding_term): which part of
+    the judge the reward model learned. {term: {"pairs": n, "accuracy": a}}."""
+    task, groups = task or Task("plays"), {}
     for m, row in zip(margins.tolist(), rows, strict=True):
-        groups.setdefault(deciding_terms(row["chosen"], row["rejected"]), []).append(m > 0)
+        groups.setdefault(task.deciding_term(row.get("prompt", ""), row["chosen"], row["rejected"]), []).append(m > 0)
     return {k: {"pairs": len(v), "accuracy": float(np.mean(v))} for k, v in sorted(groups.items())}
 
 
@@ -357,16 +404,19 @@ def rank_correlation(a, b) -> float:
 
 
 def rank_pairs(prompt: str, responses: list[str], comparisons: str = "all", label_noise: float = 0.0,
-               rng: random.Random | None = None) -> tuple[list[dict], int]:
+               rng: random.Random | None = None, task: Task | None = None) -> tuple[list[dict], int]:
     """The preference pairs of one prompt's K responses, ranked by the gold judge: every pair whose gold rewards
     differ ('all', up to K(K-1)/2, as InstructGPT collects rankings of K responses; Ouyang et al. 2022, sec. 3.5), or
     the best against the worst ('extremes'). With label_noise each pair's label is swapped with that probability (a
     draw of rng per pair), like a rater who disagrees. Returns (rows {"prompt", "chosen", "rejected", "chosen_gold",
-    "rejected_gold"}, labels swapped); no rows if every response scores the same.
+    "rejected_gold"} and the prompt's record (Task.record), labels swapped); no rows if every response scores the
+    same. The judge is the task's (default 'plays').
 
     An empty response stays (the gold judge gives it -1): a reward model that never saw one can rank saying nothing
     above everything, and PPO finds that hole within a few steps."""
-    scored = sorted(((gold_reward(prompt, t), t) for t in responses), key=lambda s: s[0], reverse=True)
+    task = task or Task("plays")
+    gold = task.gold_rewards([prompt] * len(responses), responses)
+    scored = sorted(zip(gold, responses, strict=True), key=lambda s: s[0], reverse=True)
     if comparisons == "extremes":
         scored = scored[:1] + scored[-1:]
     pairs = [(a, b) for j, a in enumerate(scored) for b in scored[j + 1:] if a[0] - b[0] > 1e-6]  # a tie: no pair
@@ -374,13 +424,15 @@ def rank_pairs(prompt: str, responses: list[str], comparisons: str = "all", labe
     for (hi, best), (lo, worst) in pairs:
         if label_noise and rng.random() < label_noise:
             (hi, best), (lo, worst), flipped = (lo, worst), (hi, best), flipped + 1
-        rows.append({"prompt": prompt, "chosen": best, "rejected": worst, "chosen_gold": hi, "rejected_gold": lo})
+        rows.append({"prompt": prompt, "chosen": best, "rejected": worst, "chosen_gold": hi, "rejected_gold": lo,
+                     **task.record(prompt)})
     return rows, flipped
 
 
 def make_pairs(args: PairsArgs) -> dict:
     """The `pairs` subcommand: sample K responses of the SFT policy per prompt of each split, rank them by the gold
-    judge (rank_pairs), write pairs_train.jsonl and pairs_test.jsonl."""
+    judge (rank_pairs), write pairs_train.jsonl and pairs_test.jsonl, and the best sample of each prompt (if its gold
+    reward reaches --best-min-gold) to best_train.jsonl and best_test.jsonl."""
     check_args(args, {"samples_per_prompt": (lambda v: v >= 2, ">= 2 (pairs compare samples of one prompt)"),
                       "temperature": (lambda v: v > 0, "> 0 (greedy samples of one prompt are all the same)")})
     if args.comparisons not in ("all", "extremes"):
@@ -390,28 +442,37 @@ def make_pairs(args: PairsArgs) -> dict:
     rt = setup_runtime(args.device, "float32")
     policy, tokenizer = load_policy(args.policy)
     policy.to(rt.device)
-    rng = random.Random(args.seed)
+    rng, task = random.Random(args.seed), Task(args.task)
     stats = {}
     for split, n in (("train", args.n_train_prompts), ("test", args.n_test_prompts)):
-        prompts = task_prompts(tokenizer, n, split, args.seed + 1)  # not SFT's draw of prompts
+        prompts = task.prompts(tokenizer, n, split, args.seed + 1)  # not SFT's draw of prompts
         k = args.samples_per_prompt
         g = seeded(args.seed, 99, 0 if split == "train" else 1, device=rt.device)
         t0 = time.perf_counter()
         texts, _, _ = generate_responses(policy, tokenizer, [p for p in prompts for _ in range(k)],
                                          args.max_new_tokens, args.temperature, None, g, args.batch_size, rt.device)
-        rows, ties, flipped = [], 0, 0
+        rows, best, ties, flipped = [], [], 0, 0
         for i, prompt in enumerate(prompts):
-            pairs, f = rank_pairs(prompt, texts[i * k: (i + 1) * k], args.comparisons, args.label_noise, rng)
+            samples = texts[i * k: (i + 1) * k]
+            pairs, f = rank_pairs(prompt, samples, args.comparisons, args.label_noise, rng, task)
             rows += pairs
             ties, flipped = ties + (not pairs), flipped + f  # ties: prompts whose samples all score the same
+            gold = task.gold_rewards([prompt] * k, samples)
+            top = int(np.argmax(gold))
+            if gold[top] >= args.best_min_gold:
+                best.append({"prompt": prompt, "response": samples[top], "gold": gold[top], **task.record(prompt)})
         path = Path(args.out_dir) / f"pairs_{split}.jsonl"
         if not rows:
             raise InputError(f"{args.policy}: every prompt's {k} samples tie under the gold judge: no pairs for "
                              f"{path} (more --samples-per-prompt, a higher --temperature, or a trained policy)")
         write_jsonl(path, rows)
-        stats[split] = {"pairs": len(rows), "ties_skipped": ties, "flipped": flipped, "path": str(path)}
+        write_jsonl(path.with_name(f"best_{split}.jsonl"), best)
+        stats[split] = {"pairs": len(rows), "ties_skipped": ties, "flipped": flipped, "path": str(path),
+                        "best": len(best), "samples_gold": float(np.mean(task.gold_rewards(
+                            [p for p in prompts for _ in range(k)], texts)))}
         print(f"{split}: {len(prompts) * k:,} samples in {time.perf_counter() - t0:.0f}s -> {len(rows):,} pairs "
-              f"({ties} prompts skipped: all samples tie; {flipped} labels flipped) -> {path}")
+              f"({ties} prompts skipped: all samples tie; {flipped} labels flipped) -> {path}; {len(best)} best "
+              f"samples with gold >= {args.best_min_gold:g}")
     return stats
 
 
@@ -452,8 +513,19 @@ def train(args: TrainArgs) -> dict:
 
     # --- data ---
     train_pairs, test_pairs, source = load_pair_data(args)
+    task = Task(args.task)
+    task.remember(train_pairs + test_pairs)
     train_data = encode_pairs(tokenizer, train_pairs, block, source)
     test_data = encode_pairs(tokenizer, test_pairs, block, source + " (held out)")
+    feats = None  # a frozen backbone: the head's inputs, once per pair
+    if not args.train_backbone:
+        if rt.world_size > 1:
+            raise InputError("--no-train-backbone fits a head in one process; start it with python, not torchrun")
+        model.gpt.requires_grad_(False)
+        t0 = time.perf_counter()
+        feats = {"train": pair_features(model, train_data, pad, rt), "test": pair_features(model, test_data, pad, rt)}
+        print(f"backbone frozen: features of {len(train_data) + len(test_data):,} pairs in "
+              f"{time.perf_counter() - t0:.0f}s; the score head alone trains")
 
     optimizer = configure_optimizer(model, args.learning_rate, args.weight_decay, (args.beta1, args.beta2),
                                     rt.device.type)
@@ -477,7 +549,7 @@ def train(args: TrainArgs) -> dict:
     history = {"train_loss": {}, "heldout_accuracy": {}, "heldout_loss": {}}
 
     def evaluate(step: int):
-        acc, loss = pairwise_accuracy(raw_model, test_data, pad, rt)
+        acc, loss = pairwise_accuracy(raw_model, test_data, pad, rt, features=feats and feats["test"])
         history["heldout_accuracy"][step], history["heldout_loss"][step] = acc, loss
         logger.log({"eval/accuracy": acc, "eval/loss": loss}, step)
 
@@ -485,7 +557,9 @@ def train(args: TrainArgs) -> dict:
         evaluate(0)
 
     # --- training: Bradley-Terry on pairs, normalised per pair over the whole step ---
-    loss_fn = partial(pair_loss_sum, margin=args.margin)
+    loss_fn, count_fn = partial(pair_loss_sum, margin=args.margin), count_pairs
+    if feats is not None:  # the head on cached features: a batch is (B, 2, C)
+        loss_fn, count_fn = partial(head_loss_sum, margin=args.margin), len
     bar = tqdm(range(start, args.max_iters), initial=start, total=args.max_iters, dynamic_ncols=True,
                disable=None if rt.master else True)
     t0 = time.perf_counter()
@@ -495,10 +569,11 @@ def train(args: TrainArgs) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         g = seeded(args.seed, rt.rank, step)  # this step's pairs: a function of (seed, rank, step)
-        batches = [pair_batch([train_data[i] for i in torch.randint(len(train_data), (args.batch_size,),
-                                                                     generator=g).tolist()], pad, rt.device)
-                   for _ in range(args.grad_accum_steps)]
-        loss, grad_norm = train_step(model, optimizer, batches, rt, args.grad_clip, loss_fn, count_pairs)
+        rows = [torch.randint(len(train_data), (args.batch_size,), generator=g).tolist()
+                for _ in range(args.grad_accum_steps)]
+        batches = [pair_batch([train_data[i] for i in r], pad, rt.device) if feats is None else feats["train"][r]
+                   for r in rows]
+        loss, grad_norm = train_step(model, optimizer, batches, rt, args.grad_clip, loss_fn, count_fn)
         history["train_loss"][step + 1] = loss
         sync(rt.device)
         dt, t0 = time.perf_counter() - t0, time.perf_counter()
@@ -516,19 +591,21 @@ def train(args: TrainArgs) -> dict:
     results = {**history, "run_dir": run_dir}
     if rt.master:
         policy.to(rt.device)
-        prompts = [p for p in task_prompts(tokenizer, args.n_judge_prompts, "test", args.seed + 2) for _ in range(2)]
+        prompts = [p for p in task.prompts(tokenizer, args.n_judge_prompts, "test", args.seed + 2) for _ in range(2)]
         texts, _, _ = generate_responses(policy, tokenizer, prompts, args.max_new_tokens, args.temperature, None,
                                          seeded(args.seed, 98, device=rt.device), device=rt.device)
         raw_model.eval()
         scores = np.array(score_texts(raw_model, tokenizer, prompts, texts, rt.device))
-        gold = np.array([gold_reward(p, t) for p, t in zip(prompts, texts, strict=True)])
+        gold = np.array(task.gold_rewards(prompts, texts))
         raw_model.reward_mean, raw_model.reward_std = float(scores.mean()), float(scores.std() + 1e-8)
         a, b = slice(0, None, 2), slice(1, None, 2)
         differ = np.abs(gold[a] - gold[b]) > 1e-6
         agree = float(np.mean((scores[a] > scores[b])[differ] == (gold[a] > gold[b])[differ])) if differ.any() \
             else float("nan")  # every fresh pair tied under the gold judge
         rho = rank_correlation(scores, gold)
-        by_term = accuracy_by_term(pair_margins(raw_model, test_data, pad, rt), test_pairs)
+        margins = pair_margins(raw_model, test_data, pad, rt) if feats is None else head_margins(raw_model,
+                                                                                                  feats["test"])
+        by_term = accuracy_by_term(margins, test_pairs, task)
         results.update(judge_pairwise_accuracy=agree, judge_spearman=rho, judge_pairs=int(differ.sum()),
                        heldout_accuracy_by_term=by_term,
                        reward_mean=raw_model.reward_mean, reward_std=raw_model.reward_std,

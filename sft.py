@@ -24,6 +24,7 @@ Run it:
 
 import time
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,8 @@ from tqdm.auto import tqdm
 
 from alignment_task import make_instructions, read_jsonl
 from policy import (
+    TASKS,
+    Task,
     add_lora,
     encode_example,
     eval_mode,
@@ -74,6 +77,9 @@ class Args(RunArgs):
     """the held-out JSONL for --data-path (default: its last --n-test rows are held out)"""
     dataset: str | None = None
     """a hub instruction data set in the tatsu-lab/alpaca layout instead (needs `datasets` and the hub)"""
+    task: Literal[TASKS] = "plays"
+    """the gold judge of the evaluation samples: 'plays' (alignment_task.py) or 'chat' (chat_task.py, whose data are
+    a policy's own best samples: --data-path best_train.jsonl --test-path best_test.jsonl of reward_model.py pairs)"""
     n_train: int = 6000
     """training examples of the alignment task"""
     n_test: int = 300
@@ -201,6 +207,9 @@ def load_data(args: Args, tokenizer) -> tuple[list[dict], list[dict], str]:
 
         rows = load_hub_instructions(args.dataset, tokenizer=tokenizer)
         return rows[: -args.n_test], rows[-args.n_test:], args.dataset
+    if args.task == "chat" and not args.data_path:
+        raise InputError("--task chat has no responses of its own to imitate: give --data-path (best_train.jsonl of "
+                         "`python reward_model.py pairs --task chat`: the best of K samples, rejection sampling)")
     if args.data_path:
         rows = read_jsonl(args.data_path, ("prompt", "response"))
         if args.test_path:
@@ -235,6 +244,8 @@ def main(args: Args) -> dict:
 
     # --- data: encoded once; the held-out split is judged by loss and by the gold reward of samples ---
     train_rows, test_rows, source = load_data(args, tokenizer)
+    task = Task(args.task)
+    task.remember(test_rows)
     train, cut = encode_all(tokenizer, train_rows, block, source)
     test, _ = encode_all(tokenizer, test_rows, block, source + " (held out)")
     eot = tokenizer.eot_token
@@ -268,7 +279,7 @@ def main(args: Args) -> dict:
     def evaluate(step: int):
         loss = heldout_loss(raw_model, test, eot, rt)
         ev = evaluate_policy(raw_model, tokenizer, eval_prompts, rt, None, args.max_new_tokens, args.temperature,
-                             args.top_k, args.seed)
+                             args.top_k, args.seed, task=task)
         for k, v in (("heldout_loss", loss), ("gold_reward", ev["gold_reward"]), ("length", ev["length"]),
                      ("no_eos", ev["no_eos"])):
             history[k][step] = v

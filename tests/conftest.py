@@ -35,6 +35,25 @@ def save_tiny_char_base(path, n_layer: int = 2, n_head: int = 2, n_embd: int = 6
     return path
 
 
+def save_tiny_llama_chat(path, block_size: int = 320, seed: int = 0):
+    """A small randomly initialised Llama with SmolLM2's tokenizer and ChatML chat template, saved as a model
+    directory: the real-model path (chat template, <|im_end|> as the end token, Llama blocks) at test speed."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+
+    from assets import resolve_pretrained
+
+    tok = tokenization.get_tokenizer("smollm2")
+    torch.manual_seed(seed)
+    gpt.GPT(gpt.GPTConfig(arch="llama", vocab_size=tok.vocab_size, block_size=block_size, n_layer=2, n_head=4,
+                          n_kv_head=2, n_embd=64, tie_word_embeddings=True)).save_pretrained(path)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(Path(resolve_pretrained("smollm2")) / f, Path(path) / f)
+    return Path(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory):
     return save_tiny_char_base(tmp_path_factory.mktemp("tiny_base"))

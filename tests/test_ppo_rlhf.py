@@ -339,17 +339,17 @@ class Killed(Exception):
 def test_resumed_run_has_the_metrics_of_the_uninterrupted_run(pipeline, monkeypatch):
     kw = dict(total_steps=6, eval_interval=3, batch_size=16, kl_target=2.0, kl_horizon=200)  # beta moves too
     full = P.main(ppo_args(pipeline, run_name="full", **kw))["history"]
-    save = P.save_checkpoint
+    save = P.save_policy
 
-    def save_then_die(run_dir, model, state, step, meta):
-        save(run_dir, model, state, step, meta)
+    def save_then_die(run_dir, model, state, step, meta, lora=False):
+        save(run_dir, model, state, step, meta, lora)
         if step == 3:
             raise Killed  # the process dies right after the checkpoint at step 3
 
-    monkeypatch.setattr(P, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(P, "save_policy", save_then_die)
     with pytest.raises(Killed):
         P.main(ppo_args(pipeline, run_name="cut", **kw))
-    monkeypatch.setattr(P, "save_checkpoint", save)
+    monkeypatch.setattr(P, "save_policy", save)
     resumed = P.main(ppo_args(pipeline, run_name="cut", resume=True, **kw))["history"]
     drop_timing = lambda rows: [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
     assert drop_timing(resumed["train"]) == drop_timing(full["train"])  # exactly equal on CPU, steps 4-6 included

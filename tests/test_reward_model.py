@@ -166,6 +166,28 @@ def test_reward_model_learns_the_gold_preference_end_to_end(tmp_path, tiny_base)
         R.score(R.ScoreArgs(model=str(latest), prompt="Say something.", response=long, device="cpu"))
 
 
+def test_a_frozen_backbone_fits_the_head_alone(tmp_path, tiny_base):
+    """--no-train-backbone: features computed once per distinct sequence equal the model's own forward pass, the head
+    learns the preference from them, and the backbone's weights stay the base's."""
+    from policy import load_policy
+    from training import setup_runtime
+
+    model, rt = tiny_rm(), setup_runtime("cpu", "float32")
+    pairs = [([1, 2, 3], [1, 2, 4, 5]), ([3, 3], [3, 3, 3, 7, 1]), ([1, 2, 3], [3, 3])]  # sequences shared by pairs
+    torch.testing.assert_close(R.head_margins(model, R.pair_features(model, pairs, 30, rt)),
+                               R.pair_margins(model, pairs, 30, rt), rtol=1e-5, atol=1e-5)
+    A.write_jsonl(tmp_path / "train.jsonl", concise_vs_verbose_pairs("train", 900, 0))
+    A.write_jsonl(tmp_path / "test.jsonl", concise_vs_verbose_pairs("test", 300, 1))
+    out = R.train(R.TrainArgs(init_from=str(tiny_base), output_dir=str(tmp_path / "runs"), device="cpu",
+                              pairs_train=str(tmp_path / "train.jsonl"), pairs_test=str(tmp_path / "test.jsonl"),
+                              train_backbone=False, max_iters=200, eval_interval=200, batch_size=64,
+                              learning_rate=3e-2, weight_decay=0.0, n_judge_prompts=16, max_new_tokens=24))
+    assert out["heldout_accuracy"][200] > out["heldout_accuracy"][0] + 0.1, out["heldout_accuracy"]
+    trained, _ = R.load_reward_model(out["run_dir"] / "latest")
+    base, _ = load_policy(str(tiny_base))
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in trained.gpt.state_dict().items())
+
+
 def test_accuracy_by_term_groups_pairs_by_what_decides_them():
     rows = [{"chosen": " I love thee.", "rejected": " I hate thee."}, {"chosen": " Good.", "rejected": " Bad."},
             {"chosen": " A table.", "rejected": " a table " * 10}, {"chosen": " A table.", "rejected": ""}]
