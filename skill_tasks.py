@@ -110,12 +110,20 @@ TOPICS = {
 ROLES = {"train": ["local teacher", "retired nurse", "shop owner", "student"],
          "test": ["farmer", "bus driver", "young engineer", "painter"]}
 
-# Each family: (split, instruction with {text}, text template). The summary is the same sentence for every family.
+# Each family: (split, instruction with {text}, text template); a training family may have several phrasings, one
+# drawn per example, so that what is learned is the request, not one wording of it. The summary is the same sentence
+# for every family.
 SUMMARY_FAMILIES = {
-    "report": ("train", "Summarize this news report in one sentence.\n\n{text}",
+    "report": ("train", ["Summarize this news report in one sentence.\n\n{text}",
+                         "{text}\n\nGive a one-sentence summary of the report above.",
+                         "Condense the following report into a single sentence.\n\n{text}",
+                         "{text}\n\nTL;DR in one sentence:"],
                "{place}, {when}. {who}, a {role}, {event} in the town today. In total, {first} {result}. \"It was "
                "a long day, but worth it,\" {first} said. Another event is planned for next year."),
-    "message": ("train", "Summarize the message below in one sentence.\n\n{text}",
+    "message": ("train", ["Summarize the message below in one sentence.\n\n{text}",
+                          "Write a short summary (one sentence) of this email:\n\n{text}",
+                          "{text}\n\nBriefly, what does this message say? One sentence, please.",
+                          "Sum up this message for me in a sentence.\n\n{text}"],
                 "Hi all,\n\nGreat news from {place}! On {when}, {who} {event}. {first} {result}, far more than "
                 "anyone expected. The weather held up all day, and the volunteers did a wonderful job.\n\n"
                 "Best wishes,\n{sender}"),
@@ -131,8 +139,14 @@ SUMMARY_FAMILIES = {
 SUMMARY = "{who} {event} in {place} on {when} and {result}."
 
 
+def _phrasing(rng: random.Random, phrasings: str | list[str]) -> str:
+    """One phrasing of a family's request: drawn from a list (training families), or the only one (no draw)."""
+    return phrasings if isinstance(phrasings, str) else rng.choice(phrasings)
+
+
 def _summarization(rng: random.Random, split: str, family: str) -> dict:
     _, instruction, text = SUMMARY_FAMILIES[family]
+    instruction = _phrasing(rng, instruction)
     keyword, event, result, (lo, hi) = rng.choice(TOPICS[split])
     who, first = _person(rng, split)
     sender, _ = _person(rng, split)
@@ -223,10 +237,15 @@ def _animal(rng, split):
 
 # Each family: (split, instruction with {context} and {question}, maker of (context, (question, answers))).
 QA_FAMILIES = {
-    "profile": ("train", "Read the passage and answer the question with a few words from it.\n\n"
-                         "Passage: {context}\n\nQuestion: {question}", _profile),
-    "town": ("train", "Passage: {context}\n\nQuestion: {question}\nAnswer with a short span copied from the "
-                      "passage.", _town),
+    "profile": ("train", ["Read the passage and answer the question with a few words from it.\n\n"
+                          "Passage: {context}\n\nQuestion: {question}",
+                          "{context}\n\n{question} Answer in a few words taken from the text.",
+                          "Answer the question from the paragraph below, as briefly as you can.\n\n{context}\n\n"
+                          "{question}"], _profile),
+    "town": ("train", ["Passage: {context}\n\nQuestion: {question}\nAnswer with a short span copied from the "
+                       "passage.",
+                       "Based on this text, answer: {question}\n\n{context}\n\nReply with the exact words only.",
+                       "{context}\n\nQ: {question}\nA (a short phrase from the text):"], _town),
     "festival": ("test", "{context}\n\nUsing only the text above, answer briefly: {question}", _festival),
     "animal": ("test", "Here is a short text.\n\n{context}\n\n{question} Give just the answer, in words from the "
                        "text.", _animal),
@@ -236,6 +255,7 @@ QA_FAMILIES = {
 def _qa(rng: random.Random, split: str, family: str) -> dict:
     _, instruction, maker = QA_FAMILIES[family]
     context, (question, answers) = maker(rng, split)
+    instruction = _phrasing(rng, instruction)
     return {"instruction": instruction.format(context=context, question=question), "target": answers[0],
             "context": context, "question": question, "answers": answers}
 
