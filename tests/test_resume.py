@@ -157,7 +157,7 @@ def test_ppo_with_a_separate_critic_killed_mid_run_resumes_exactly(policy_and_re
                       kl_target=2.0, kl_horizon=100, eval_interval=3, log_interval=100, n_samples_shown=0, **kw)
 
     full = P.main(args("full"))["history"]
-    resumed = killed_then_resumed(monkeypatch, P, "save_checkpoint", 3, P.main, args)["history"]
+    resumed = killed_then_resumed(monkeypatch, P, "save_policy", 3, P.main, args)["history"]
     drop_timing = lambda rows: [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
     assert drop_timing(resumed["train"]) == drop_timing(full["train"])  # steps 1-3 from the checkpoint, 4-6 again
     assert resumed["eval"] == full["eval"]
